@@ -1,0 +1,61 @@
+"""Stdlib-only facts for backend probes: installed versions, device files, PCI ids.
+
+Nothing here imports torch, jax or a vendor SDK (DESIGN: probing never imports a heavy SDK).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+
+def version(dist: str) -> str | None:
+    """Installed version of a distribution, or None (reads metadata only)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions(*dists: str) -> dict[str, str]:
+    return {d: v for d in dists if (v := version(d)) is not None}
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def device_files(pattern: str) -> list[str]:
+    """Numbered device nodes such as /dev/nvidia0, /dev/neuron3 (not /dev/nvidiactl)."""
+    return sorted(p for p in glob.glob(pattern + "*") if re.fullmatch(re.escape(pattern) + r"\d+", p))
+
+
+def pci_vendor_present(vendor_id: str, root: str = "/sys/bus/pci/devices") -> int:
+    """How many PCI devices carry ``vendor_id`` (e.g. '0x1ae0', Google TPUs)."""
+    count = 0
+    for path in glob.glob(os.path.join(root, "*", "vendor")):
+        try:
+            with open(path) as fh:
+                count += fh.read().strip().lower() == vendor_id
+        except OSError:
+            continue
+    return count
+
+
+def run_tool(argv: list[str], timeout: float = 5.0) -> tuple[int, str] | None:
+    """Run a vendor CLI (nvidia-smi, neuron-ls) if installed; None when it is absent or hangs."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.returncode, done.stdout if done.returncode == 0 else (done.stderr or done.stdout)

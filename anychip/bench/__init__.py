@@ -1,0 +1,1 @@
+"""`anychip bench`: run the same workload on several backends and compare them."""

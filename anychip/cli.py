@@ -1,0 +1,167 @@
+"""The ``anychip`` command: ``devices``, ``train`` (and the commands other modules add).
+
+Bad input exits with status 2 and one line on stderr, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+class UsageError(Exception):
+    """A bad command-line value: reported as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# -- devices ---------------------------------------------------------------------------------------
+
+
+def cmd_devices(args) -> int:
+    from anychip.backends import backends
+
+    found = backends()
+    if args.json:
+        print(json.dumps([a.as_dict() for a in found], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="anychip backends (auto-detect order)")
+    for col in ("backend", "available", "devices", "device kind", "versions", "why / how to fix"):
+        table.add_column(col, overflow="fold")
+    for a in found:
+        why = a.reason + (f" - install: {a.install}" if a.install and not a.available else "")
+        versions = " ".join(f"{k} {v}" for k, v in a.versions.items())
+        table.add_row(a.name, "[green]yes[/]" if a.available else "[red]no[/]", str(a.devices or ""), a.device_kind, versions, why)
+    Console().print(table)
+    return 0
+
+
+# -- train -------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    import anychip as ac
+    from anychip import workloads
+
+    workload = workloads.get(args.workload)
+    precision = ac.policy(args.precision).name
+    be = ac.backend(args.backend)
+    model = workload.build(seed=args.seed)
+    schedule = ac.WarmupCosine(warmup=max(1, args.steps // 10), total=args.steps)
+    step = ac.TrainStep(
+        model,
+        workload.loss_fn,
+        ac.AdamW(lr=args.lr, weight_decay=0.1, schedule=schedule),
+        backend=be,
+        precision=precision,
+        max_grad_norm=1.0,
+        compile=args.compile,
+    )
+    batch_size, seq = args.batch or workload.default_batch, args.seq or workload.default_seq
+    data = workload.batches(batch_size, seq, seed=args.seed)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    losses, tokens, started = [], 0, time.perf_counter()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(f"{workload.name} on {be.name}", total=args.steps, info="")
+        for i in range(args.steps):
+            out = step(next(data))
+            tokens += out.tokens
+            # Reading the loss synchronises; do it only as often as it is shown.
+            if i == 0 or (i + 1) % args.log_every == 0 or i + 1 == args.steps:
+                losses.append((out.step, out.loss))
+                bar.update(task, info=f"loss {out.loss:.4f}  lr {out.lr:.2e}")
+            bar.advance(task)
+    be.synchronize()
+    elapsed = time.perf_counter() - started
+    print(f"{workload.name} on {be.name}: loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f} in {args.steps} steps, "
+          f"{tokens / elapsed:,.0f} tokens/s (including compilation)")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anychip", description="One PyTorch training step on any accelerator.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{devices,train,bench,parity}")
+
+    p = sub.add_parser("devices", help="list every backend: available or not, why, and how to fix it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("train", help="train a built-in workload and show the loss")
+    p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory")
+    p.add_argument("--backend", default=None, help="backend name (default: $ANYCHIP_BACKEND, else auto-detect)")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--seq", type=positive_int, default=None)
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or bf16-pure")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the step (default: the backend's choice)")
+    p.set_defaults(func=cmd_train)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Sub-commands defined next to the code they drive (bench, parity)."""
+    registrars = []
+    for module, attr in (("anychip.bench.cli", "register"), ("anychip.parity", "register")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        registrars.append(getattr(mod, attr))
+    return registrars
+
+
+def main(argv: list[str] | None = None) -> int:
+    from anychip.backends import BackendError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, BackendError, ValueError) as exc:
+        # Bad input: one line, exit status 2 (argparse's convention).
+        print(f"anychip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anychip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""`TrainStep`: one optimizer update of a PyTorch model, on whichever backend was chosen.
+
+The user writes ``loss_fn(model, batch) -> scalar tensor`` once. ``TrainStep`` validates every
+argument up front (bad input fails before any work), then hands a :class:`StepSpec` to the
+backend, which builds an *engine*: :class:`TorchEngine` below for the torch backends, a
+jitted JAX step for ``jax:*``. One call ``step(batch)`` is one optimizer update:
+
+* the batch is moved to the device and split into ``accumulate`` equal micro-batches along
+  dim 0 (so ``accumulate=4`` on a batch of 32 equals one update on those 32 samples while
+  holding only 8 in activation memory);
+* forward + loss under the precision policy, backward, global gradient norm, optional
+  clipping to ``max_grad_norm``, a non-finite check, optimizer update, schedule update.
+
+The returned :class:`StepOutput` keeps the loss on the device; it is copied to the host only
+when read, so a loop that does not print every step never waits for the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Callable
+
+from anychip.optim import AdamW, OptimizerSpec, torch_schedule
+from anychip.precision import Policy, policy
+
+log = logging.getLogger("anychip")
+
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+PARALLEL_MODES = (None, "ddp", "fsdp")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm was NaN/inf; the parameters were left as they were."""
+
+
+class LossFunctionError(RuntimeError):
+    """``loss_fn`` raised, or returned something that is not a scalar floating-point tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything a backend needs to build a training step; validated by :class:`TrainStep`."""
+
+    model: Any
+    loss_fn: Callable
+    optimizer: OptimizerSpec
+    policy: Policy
+    max_grad_norm: float | None = None
+    accumulate: int = 1
+    compile: bool | None = None
+    on_nonfinite: str = "raise"
+    parallel: str | None = None
+    strict_shapes: bool = False
+    kernels: str = "auto"
+
+
+class StepOutput:
+    """Result of one update. ``loss`` and ``grad_norm`` are device values read lazily."""
+
+    __slots__ = ("step", "lr", "tokens", "skipped", "_loss", "_grad_norm")
+
+    def __init__(self, step: int, loss, grad_norm, lr: float, tokens: int, skipped: bool = False):
+        self.step, self.lr, self.tokens, self.skipped = step, lr, tokens, skipped
+        self._loss, self._grad_norm = loss, grad_norm
+
+    @property
+    def loss(self) -> float:
+        if not isinstance(self._loss, float):
+            self._loss = float(self._loss)  # the one device->host sync, on first read
+        return self._loss
+
+    @property
+    def grad_norm(self) -> float:
+        if not isinstance(self._grad_norm, float):
+            self._grad_norm = float(self._grad_norm)
+        return self._grad_norm
+
+    @property
+    def loss_tensor(self):
+        """The loss as the backend produced it (no synchronisation)."""
+        return self._loss
+
+    def __repr__(self) -> str:
+        return (
+            f"StepOutput(step={self.step}, loss={self.loss:.6g}, grad_norm={self.grad_norm:.4g}, "
+            f"lr={self.lr:.4g}, tokens={self.tokens}{', skipped=True' if self.skipped else ''})"
+        )
+
+
+# -- batch handling (shared by every engine) -----------------------------------------------------
+
+
+def batch_leaves(batch, path: str = "batch") -> list[tuple[str, Any]]:
+    """Every leaf of a batch with its path; raises TypeError on anything but tensors/containers."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return [(path, batch)]
+    if isinstance(batch, dict):
+        return [leaf for k, v in batch.items() for leaf in batch_leaves(v, f"{path}[{k!r}]")]
+    if isinstance(batch, (tuple, list)):
+        return [leaf for i, v in enumerate(batch) for leaf in batch_leaves(v, f"{path}[{i}]")]
+    hint = " (convert it with torch.from_numpy)" if type(batch).__module__ == "numpy" else ""
+    raise TypeError(
+        f"{path} is a {type(batch).__module__}.{type(batch).__name__}; a batch must be a tensor or a "
+        f"tuple/list/dict of tensors{hint}"
+    )
+
+
+def check_batch(batch, accumulate: int) -> list[tuple[str, Any]]:
+    leaves = batch_leaves(batch)
+    if not leaves:
+        raise TypeError("the batch holds no tensor; pass a tensor or a tuple/list/dict of tensors")
+    if accumulate > 1:
+        for path, t in leaves:
+            if t.ndim == 0 or t.shape[0] % accumulate:
+                raise ValueError(
+                    f"{path} has leading size {tuple(t.shape)[:1] or '()'}, which accumulate={accumulate} "
+                    f"cannot split into equal micro-batches; use a batch size divisible by {accumulate}"
+                )
+    return leaves
+
+
+def split_batch(batch, parts: int) -> list:
+    """``parts`` micro-batches, each leaf chunked along dim 0."""
+    import torch
+
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        return list(batch.chunk(parts))
+    if isinstance(batch, dict):
+        pieces = {k: split_batch(v, parts) for k, v in batch.items()}
+        return [{k: pieces[k][i] for k in batch} for i in range(parts)]
+    pieces = [split_batch(v, parts) for v in batch]
+    return [type(batch)(p[i] for p in pieces) for i in range(parts)]
+
+
+def count_tokens(leaves: list[tuple[str, Any]]) -> int:
+    """Tokens in a batch: the elements of the first integer tensor (token ids), else the
+    leading size of the first tensor (samples)."""
+    import torch
+
+    for _, t in leaves:
+        if t.ndim and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            return t.numel()
+    return int(leaves[0][1].shape[0]) if leaves[0][1].ndim else 1
+
+
+def call_loss(loss_fn, model, batch):
+    """Run the user's loss function; its failures become one clear LossFunctionError."""
+    try:
+        loss = loss_fn(model, batch)
+    except (LossFunctionError, NonFiniteLossError):
+        raise
+    except Exception as exc:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LossFunctionError(f"loss_fn {name!r} raised {type(exc).__name__}: {first}") from exc
+    return loss
+
+
+def check_loss(loss) -> None:
+    """A loss must be a 0-dim floating tensor (shape and dtype only: no device sync)."""
+    shape = tuple(getattr(loss, "shape", ())) if hasattr(loss, "shape") else None
+    if shape is None or not hasattr(loss, "dtype"):
+        raise LossFunctionError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+    if shape != ():
+        raise LossFunctionError(
+            f"loss_fn must return a scalar tensor (shape ()), got shape {shape}; reduce it, e.g. loss.mean()"
+        )
+    if "float" not in str(loss.dtype):
+        raise LossFunctionError(f"loss_fn must return a floating-point scalar, got dtype {loss.dtype}")
+
+
+# -- the torch engine (cpu, cuda, neuron, neuron-xla) --------------------------------------------
+
+
+class TorchEngine:
+    """A training step in eager PyTorch, with the forward+loss optionally ``torch.compile``-d.
+
+    This is the same loop a careful user writes by hand (compile the model call, autocast,
+    fused AdamW); the benchmark in ``benchmarks/`` holds it to within a few percent of that.
+    """
+
+    def __init__(self, backend, spec: StepSpec):
+        import torch
+
+        self.backend, self.spec = backend, spec
+        model = spec.model
+        if spec.policy.param_dtype != "fp32":
+            model = model.to(spec.policy.torch_dtype("param"))
+        self.model = backend.place(model)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        fused = backend.fused_optimizer and backend.device_type != "cpu"
+        self.optimizer = spec.optimizer.to_torch(self.params, fused=fused)
+        self.scheduler = torch_schedule(self.optimizer, spec.optimizer)
+        compile_ = backend.compile_by_default if spec.compile is None else spec.compile
+        self._forward = backend.compile(self._loss) if compile_ else self._loss
+        self._autocast = (
+            (lambda: torch.autocast(backend.device_type, dtype=spec.policy.torch_dtype("compute")))
+            if spec.policy.autocast
+            else contextlib.nullcontext
+        )
+        self.updates = 0
+
+    def _loss(self, batch):
+        return call_loss(self.spec.loss_fn, self.model, batch)
+
+    def step(self, batch, tokens: int) -> StepOutput:
+        import torch
+
+        spec = self.spec
+        micro = split_batch(self.backend.place_batch(batch), spec.accumulate)
+        total = None
+        for mb in micro:
+            with self._autocast():
+                loss = self._forward(mb)
+            check_loss(loss)
+            (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        loss = (total / spec.accumulate if spec.accumulate > 1 else total).float()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        if spec.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, spec.max_grad_norm, norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if spec.on_nonfinite != "ignore" and not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.backend.mark_step()
+            what = f"step {self.updates + 1}: loss {float(loss)}, grad norm {float(norm)}"
+            if spec.on_nonfinite == "raise":
+                raise NonFiniteLossError(
+                    f"{what} is not finite; parameters were not updated "
+                    "(TrainStep(on_nonfinite='skip') skips such updates instead)"
+                )
+            log.warning("anychip: %s is not finite; update skipped", what)
+            return StepOutput(self.updates, loss, norm, lr, tokens, skipped=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backend.mark_step()
+        self.updates += 1
+        return StepOutput(self.updates, loss, norm, lr, tokens)
+
+    # Backend-neutral state: parameters by name, optimizer slots by slot name then parameter
+    # name; the same layout the JAX engine and checkpoints use.
+    def state_dict(self) -> dict:
+        opt_state = self.optimizer.state
+        slots = {
+            slot: {n: opt_state[p][slot].detach().cpu() for n, p in zip(self.param_names, self.params) if slot in opt_state.get(p, {})}
+            for slot in self.spec.optimizer.slots
+        }
+        return {
+            "step": self.updates,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": {"slots": slots},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        import torch
+
+        self.model.load_state_dict(state["model"])
+        n = int(state["step"])
+        per_param = {}
+        for i, name in enumerate(self.param_names):
+            entry = {slot: state["optimizer"]["slots"][slot][name] for slot in self.spec.optimizer.slots if name in state["optimizer"]["slots"].get(slot, {})}
+            if entry:
+                if "exp_avg" in entry:  # Adam-style state counts its own steps
+                    entry["step"] = torch.tensor(float(n))
+                per_param[i] = entry
+        current = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
+        self.updates = n
+        self.scheduler.last_epoch = n
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.spec.optimizer.schedule.value(n)
+
+
+# -- the public class --------------------------------------------------------------------------
+
+
+class TrainStep:
+    """One portable training step: ``TrainStep(model, loss_fn, optimizer=ac.AdamW(...))(batch)``.
+
+    Arguments are checked here, before any device work; each error says what was wrong and
+    how to fix it.
+    """
+
+    def __init__(
+        self,
+        model,
+        loss_fn: Callable,
+        optimizer: OptimizerSpec | None = None,
+        *,
+        backend=None,
+        precision: str = "fp32",
+        max_grad_norm: float | None = None,
+        accumulate: int = 1,
+        compile: bool | None = None,
+        on_nonfinite: str = "raise",
+        parallel: str | None = None,
+        strict_shapes: bool = False,
+        kernels: str = "auto",
+    ):
+        import torch
+
+        from anychip.backends import backend as select
+        from anychip.backends.base import Backend
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        optimizer = AdamW() if optimizer is None else optimizer
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "optimizer must be an anychip spec such as ac.AdamW(lr=3e-4), not a torch.optim object: "
+                "the spec is what each backend materialises for itself"
+            )
+        if not isinstance(optimizer, OptimizerSpec):
+            raise TypeError(f"optimizer must be ac.AdamW(...) or ac.SGD(...), got {type(optimizer).__name__}")
+        pol = policy(precision)
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
+        if not (isinstance(accumulate, int) and not isinstance(accumulate, bool) and accumulate >= 1):
+            raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+        if kernels not in ("auto", "reference"):
+            raise ValueError(f"kernels must be 'auto' or 'reference', got {kernels!r}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        self.backend = backend if isinstance(backend, Backend) else select(backend)
+        self.spec = StepSpec(
+            model, loss_fn, optimizer, pol, max_grad_norm, accumulate, compile, on_nonfinite, parallel, strict_shapes, kernels
+        )
+        self.engine = self.backend.make_engine(self.spec)
+
+    @property
+    def model(self):
+        """The model as trained (on the device for torch backends; synced back for JAX)."""
+        return self.engine.model
+
+    @property
+    def step_count(self) -> int:
+        return self.engine.updates
+
+    def __call__(self, batch) -> StepOutput:
+        leaves = check_batch(batch, self.spec.accumulate)
+        return self.engine.step(batch, count_tokens(leaves))
+
+    def state_dict(self) -> dict:
+        """Backend-neutral training state: CPU tensors keyed by parameter and slot names."""
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state)
