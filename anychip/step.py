@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from anychip.optim import AdamW, OptimizerSpec, torch_schedule
 from anychip.precision import Policy, policy
+from anychip.recompile import ShapeWatch
 
 log = logging.getLogger("anychip")
 
@@ -342,6 +343,7 @@ class TrainStep:
             model, loss_fn, optimizer, pol, max_grad_norm, accumulate, compile, on_nonfinite, parallel, strict_shapes, kernels
         )
         self.engine = self.backend.make_engine(self.spec)
+        self._shapes = ShapeWatch(strict_shapes, self.backend.name)
 
     @property
     def model(self):
@@ -354,6 +356,7 @@ class TrainStep:
 
     def __call__(self, batch) -> StepOutput:
         leaves = check_batch(batch, self.spec.accumulate)
+        self._shapes.check(leaves)
         return self.engine.step(batch, count_tokens(leaves))
 
     def state_dict(self) -> dict:
