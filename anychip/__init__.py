@@ -1,6 +1,10 @@
 """anychip: one PyTorch training step, on NVIDIA CUDA, AWS Trainium, TPU (JAX) or the CPU.
 
 Public names only; everything heavy is imported on first use.
+
+Note: ``anychip.backends`` below is the *function* listing backends (the public API in
+DESIGN.md); it shadows the ``anychip.backends`` package as an attribute, so reach the
+registry with from-imports (``from anychip.backends import register``), which always work.
 """
 
 from __future__ import annotations

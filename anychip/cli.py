@@ -35,6 +35,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage dump), exit status 2 as usual."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 # -- devices ---------------------------------------------------------------------------------------
 
 
@@ -108,8 +115,8 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anychip", description="One PyTorch training step on any accelerator.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{devices,train,bench,parity}")
+    parser = Parser(prog="anychip", description="One PyTorch training step on any accelerator.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{devices,train,bench,parity}", parser_class=Parser)
 
     p = sub.add_parser("devices", help="list every backend: available or not, why, and how to fix it")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -60,23 +60,24 @@ class StepSpec:
 class StepOutput:
     """Result of one update. ``loss`` and ``grad_norm`` are device values read lazily."""
 
-    __slots__ = ("step", "lr", "tokens", "skipped", "_loss", "_grad_norm")
+    __slots__ = ("step", "lr", "tokens", "skipped", "_loss", "_grad_norm", "_read")
 
     def __init__(self, step: int, loss, grad_norm, lr: float, tokens: int, skipped: bool = False):
         self.step, self.lr, self.tokens, self.skipped = step, lr, tokens, skipped
-        self._loss, self._grad_norm = loss, grad_norm
+        self._loss, self._grad_norm, self._read = loss, grad_norm, {}
+
+    def _host(self, key: str, value) -> float:
+        if key not in self._read:
+            self._read[key] = float(value)  # the one device->host sync, on first read
+        return self._read[key]
 
     @property
     def loss(self) -> float:
-        if not isinstance(self._loss, float):
-            self._loss = float(self._loss)  # the one device->host sync, on first read
-        return self._loss
+        return self._host("loss", self._loss)
 
     @property
     def grad_norm(self) -> float:
-        if not isinstance(self._grad_norm, float):
-            self._grad_norm = float(self._grad_norm)
-        return self._grad_norm
+        return self._host("grad_norm", self._grad_norm)
 
     @property
     def loss_tensor(self):

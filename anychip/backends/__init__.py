@@ -53,7 +53,7 @@ class Availability:
         object.__setattr__(self, "versions", MappingProxyType(dict(self.versions)))
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "versions": dict(self.versions)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"versions": dict(self.versions)}
 
 
 @dataclasses.dataclass(frozen=True)
