@@ -139,11 +139,11 @@ class NativeTorchBackend(Backend):
 
         return TorchEngine(self, spec)
 
-    def compile(self, fn, *, dynamic: bool | None = None):
+    def compile(self, fn):
         """Compile the forward+loss function of a step (the backward follows via AOTAutograd)."""
         import torch
 
-        return torch.compile(fn, backend=self.compile_backend, dynamic=dynamic, **self.compile_options)
+        return torch.compile(fn, backend=self.compile_backend, **self.compile_options)
 
     def mark_step(self) -> None:
         """Called once at the end of every training step; lazy-tensor backends cut the graph here."""
