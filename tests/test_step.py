@@ -307,3 +307,35 @@ def test_nan_loss_skip_keeps_training():
     assert [o.skipped for o in outs] == [False, True, False, False]
     assert [o.step for o in outs] == [1, 1, 2, 3]
     assert all(np.isfinite(p.detach().numpy()).all() for p in step.model.parameters())
+
+
+def test_deferred_nonfinite_check_with_a_fused_optimizer():
+    """Fused optimizers skip a non-finite update on the device (found_inf) without a sync; the
+    error comes with the next call and names the bad step; parameters stay as after step 1."""
+    from anychip.backends.cpu import CpuBackend, probe
+
+    class FusedCpu(CpuBackend):
+        fused_optimizer = True  # fused AdamW has CPU kernels too: the same code path as on CUDA
+
+    w = workloads.get("mlp")
+    calls = {"n": 0}
+
+    def nan_at_2(model, batch):
+        calls["n"] += 1
+        loss = w.loss_fn(model, batch)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    spec = ac.AdamW(lr=1e-2, schedule=ac.WarmupLinear(2, 10))
+    step = ac.TrainStep(w.build(), nan_at_2, spec, backend=FusedCpu(probe()))
+    assert step.engine.optimizer.defaults["fused"]
+    step(w.batch(0, 8))
+    after_first = copy.deepcopy(step.model.state_dict())
+    step(w.batch(1, 8))  # the NaN step: no sync, no error yet
+    with pytest.raises(ac.NonFiniteLossError, match="step 2: loss nan"):
+        step(w.batch(2, 8))
+    for k, v in step.model.state_dict().items():
+        assert torch.equal(v, after_first[k]), k
+    assert step.step_count == 1
+    assert step.engine.optimizer.param_groups[0]["lr"] == pytest.approx(spec.lr_at(1))
+    assert int(step.engine.optimizer.state[step.engine.params[0]]["step"]) == 1
+    assert step(w.batch(3, 8)).step == 2  # training goes on from the last good state
