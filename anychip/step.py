@@ -22,7 +22,7 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
-from anychip.optim import AdamW, OptimizerSpec, torch_schedule
+from anychip.optim import AdamW, OptimizerSpec
 from anychip.precision import Policy, policy
 from anychip.recompile import ShapeWatch
 
@@ -198,15 +198,14 @@ class TorchEngine:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        fused = backend.fused_optimizer
-        self.optimizer = spec.optimizer.to_torch(self.params, fused=fused)
+        self.optimizer = backend.make_optimizer(spec.optimizer, self.params)
+        fused = bool(self.optimizer.defaults.get("fused"))
         # With a fused optimizer the non-finite check needs no device sync: the kernels skip
         # the update on the device (the GradScaler mechanism, optimizer.found_inf) and the
         # flag is read one step later, when it has long been computed. A sync per step here
         # cost 4% of a GPT-2-small step on an H100 (benchmarks/RESULTS.md).
         self._deferred = fused and spec.on_nonfinite == "raise"
         self._pending = None  # (host flag, event, step, loss, norm) of the last deferred check
-        self.scheduler = torch_schedule(self.optimizer, spec.optimizer)
         compile_ = backend.compile_by_default if spec.compile is None else spec.compile
         self._forward = backend.compile(self._loss) if compile_ else self._loss
         self._autocast = (
@@ -237,7 +236,7 @@ class TorchEngine:
         if spec.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, spec.max_grad_norm, norm)
         self.raise_pending_nonfinite()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self._set_lr(self.updates)
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         if self._deferred:
             self.optimizer.found_inf = (~finite).float()
@@ -254,7 +253,6 @@ class TorchEngine:
             log.warning("anychip: %s is not finite; update skipped", what)
             return StepOutput(self.updates, loss, norm, lr, tokens, skipped=True)
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.backend.mark_step()
         self.updates += 1
@@ -283,16 +281,25 @@ class TorchEngine:
             return
         self.optimizer.zero_grad(set_to_none=True)
         self.updates = step - 1
-        self._set_schedule_position(self.updates)
         raise NonFiniteLossError(
             f"step {step}: loss {float(loss)}, grad norm {float(norm)} is not finite; parameters were not "
             "updated (TrainStep(on_nonfinite='skip') skips such updates instead)"
         )
 
-    def _set_schedule_position(self, n: int) -> None:
-        self.scheduler.last_epoch = n
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.spec.optimizer.schedule.value(n)
+    def _set_lr(self, update: int) -> float:
+        """Learning rate of update number ``update`` (0-based), written into the optimizer.
+        Computed as ``lr * schedule(update)``, the product LambdaLR forms, so a hand-written
+        loop with LambdaLR gets bit-identical values. A tensor lr (lazy-tensor backends keep
+        it on the device so that its value is graph data, not a constant) is copied into."""
+        import torch
+
+        value = self.spec.optimizer.lr * self.spec.optimizer.schedule.value(update)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].copy_(torch.tensor(value, dtype=group["lr"].dtype))
+            else:
+                group["lr"] = value
+        return value
 
     # Backend-neutral state: parameters by name, optimizer slots by slot name then parameter
     # name; the same layout the JAX engine and checkpoints use.
@@ -325,7 +332,6 @@ class TorchEngine:
         self.optimizer.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
         self.updates = n
         self._pending = None
-        self._set_schedule_position(n)
 
 
 # -- the public class --------------------------------------------------------------------------

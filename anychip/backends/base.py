@@ -139,6 +139,10 @@ class NativeTorchBackend(Backend):
 
         return TorchEngine(self, spec)
 
+    def make_optimizer(self, spec, params):
+        """The torch.optim object for an optimizer spec (fused where the device has kernels)."""
+        return spec.to_torch(params, fused=self.fused_optimizer)
+
     def compile(self, fn):
         """Compile the forward+loss function of a step (the backward follows via AOTAutograd)."""
         import torch
