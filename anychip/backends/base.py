@@ -44,6 +44,12 @@ class Backend:
     def device_count(self) -> int:
         return self.availability.devices
 
+    @property
+    def devices_in_use(self) -> int:
+        """Devices one process drives: what peak_flops() covers and what cost is charged for.
+        One for the torch backends (one device per torchrun rank)."""
+        return 1
+
     def place(self, model):
         raise NotImplementedError
 

@@ -150,6 +150,10 @@ class NeuronBackend(NativeTorchBackend):
     # The Neuron compiler takes whole static graphs: no graph breaks, no dynamic shapes.
     compile_options = {"fullgraph": True, "dynamic": False}
 
+    @property
+    def devices_in_use(self) -> int:
+        return cores_in_use()
+
     def peak_flops(self, dtype: str = "bf16") -> float | None:
         from anychip.bench.peaks import NEURON_CORES_PER_CHIP, peak_flops
 
@@ -157,7 +161,7 @@ class NeuronBackend(NativeTorchBackend):
         per_chip = peak_flops(chip, dtype)
         if per_chip is None or chip not in NEURON_CORES_PER_CHIP:
             return None
-        return per_chip / NEURON_CORES_PER_CHIP[chip] * cores_in_use()
+        return per_chip / NEURON_CORES_PER_CHIP[chip] * self.devices_in_use
 
 
 def create(availability: Availability) -> NeuronBackend:
