@@ -8,6 +8,16 @@ Sources (read 2026-11):
 - AWS Trainium (AWS Neuron documentation, SDK 2.33, "Trainium architecture"):
   Trainium1 190 TFLOP/s bf16 per chip (2 NeuronCore-v2), Trainium2 667 per chip
   (8 NeuronCore-v3; 4 logical cores at the default LNC=2), Trainium3 671 per chip.
+  https://awsdocs-neuron.readthedocs-hosted.com/en/latest/general/arch/neuron-hardware/trainium.html
+  https://awsdocs-neuron.readthedocs-hosted.com/en/latest/about-neuron/arch/neuron-hardware/trainium2.html
+  https://awsdocs-neuron.readthedocs-hosted.com/en/latest/about-neuron/arch/neuron-hardware/trainium3.html
+- Trainium per NeuronCore (what the Neuron runtime hands one process): the chip peak divided
+  by the cores the runtime exposes per chip, so that N cores add up to the chip figure.
+  Trainium1: 190 / 2 = 95 per NeuronCore-v2. Trainium2 and Trainium3 expose *logical* cores:
+  at the default LNC=2 one logical core is two physical ones, 667 / 4 = 166.75 (Trn2) and
+  671 / 4 = 167.75 (Trn3); at LNC=1, 667 / 8 = 83.4 and 671 / 8 = 83.9 per physical core.
+  (The NeuronCore-v3 page quotes 79 TFLOP/s for the tensor engine alone; the chip figure
+  divided by 8 is used so that per-core and per-chip MFU agree.)
 - Google Cloud TPU system architecture pages: v4 275, v5e 197, v5p 459, v6e (Trillium) 918
   TFLOP/s bf16 per chip.
 fp32 peaks are not listed: MFU is conventionally quoted against the bf16 tensor-core peak.
@@ -40,6 +50,12 @@ PEAKS: tuple[Peak, ...] = (
     Peak(r"B200", 2250.0, "NVIDIA B200 datasheet"),
     Peak(r"A100", 312.0, "NVIDIA A100 datasheet"),
     Peak(r"\bL4\b", 121.0, "NVIDIA L4 datasheet"),
+    # Per-core entries first: a device called "trn2 NeuronCore" is one core, not a chip.
+    Peak(r"(trainium1?|trn1)\b.*core|NeuronCore-v2", 190.0 / 2, "AWS Neuron docs: Trainium1 per NeuronCore-v2"),
+    Peak(r"(trainium2|trn2).*core.*LNC ?=? ?1|NeuronCore-v3", 667.0 / 8, "AWS Neuron docs: Trainium2 per physical NeuronCore-v3 (LNC=1)"),
+    Peak(r"(trainium2|trn2).*core", 667.0 / 4, "AWS Neuron docs: Trainium2 per logical NeuronCore (LNC=2)"),
+    Peak(r"(trainium3|trn3).*core.*LNC ?=? ?1|NeuronCore-v4", 671.0 / 8, "AWS Neuron docs: Trainium3 per physical NeuronCore-v4 (LNC=1)"),
+    Peak(r"(trainium3|trn3).*core", 671.0 / 4, "AWS Neuron docs: Trainium3 per logical NeuronCore (LNC=2)"),
     Peak(r"trainium3|trn3", 671.0, "AWS Neuron docs: Trainium3 per chip"),
     Peak(r"trainium2|trn2", 667.0, "AWS Neuron docs: Trainium2 per chip"),
     Peak(r"trainium1?\b|trn1", 190.0, "AWS Neuron docs: Trainium1 per chip"),

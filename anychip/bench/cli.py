@@ -1,0 +1,350 @@
+"""``anychip bench`` and ``anychip bench compare``.
+
+Every argument is checked before the first backend starts: a bad value ends the command with
+one line on stderr and exit status 2. After the run: status 0 when every requested backend
+finished, 1 when one failed (crash, error, timeout; or unavailable although named), 130 after
+Ctrl-C (the finished rows are still printed and written).
+
+Defaults, chosen so that ``anychip bench`` with no arguments is a one-minute smoke run on a
+laptop and a real comparison on an accelerator machine:
+
+- ``--workload gpt-tiny``, 5 warm-up + 50 timed steps, the workload's batch and sequence;
+- ``--backends auto``: every available backend of the built-in table, each in its own process
+  (``jax:cpu`` included: bench compares stacks, it does not pick one);
+- ``--precision``: fp32 when every selected backend runs on the host CPU (``cpu``,
+  ``jax:cpu``: bf16 autocast on a CPU is slower than fp32 and would only add rounding noise to
+  the parity check), otherwise bf16 (fp32 master weights, what accelerators are measured at
+  and what the MFU peaks in :mod:`anychip.bench.peaks` refer to). Every row uses the same
+  precision, so the loss trajectories stay comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from anychip.cli import UsageError, positive_float, positive_int
+
+HOST_CPU_BACKENDS = frozenset({"cpu", "jax:cpu"})
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _finite_positive_float(text: str) -> float:
+    value = positive_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _price(text: str) -> tuple[str, float]:
+    from anychip.bench.prices import parse_price
+
+    try:
+        return parse_price(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _peak(text: str) -> tuple[str, float]:
+    name, sep, value = text.rpartition("=")
+    if sep and not name.strip():
+        raise argparse.ArgumentTypeError(f"expected X or NAME=X (TFLOP/s), got {text!r}")
+    try:
+        tflops = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X or NAME=X with X in TFLOP/s, got {text!r}") from None
+    if not (tflops > 0 and math.isfinite(tflops)):
+        raise argparse.ArgumentTypeError(f"peak must be a finite number > 0, got {value!r}")
+    return (name.strip() if sep else "*"), tflops
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="run one workload on several backends, side by side",
+        description="Run the same training step on several backends (one process each) and compare "
+        "throughput, MFU, memory, loss parity and cost. 'anychip bench compare A.json B.json' compares two runs.",
+        epilog="Backends from other packages (or test fakes): ANYCHIP_BENCH_PLUGINS=module[,module] names modules "
+        "that call anychip.backends.register(...) when imported; they load in every backend process too.",
+    )
+    p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory (default gpt-tiny)")
+    p.add_argument("--backends", default="auto", help="auto (every available backend), all (every registered one; unavailable ones become failed rows) or a comma-separated list such as cpu,cuda,jax:gpu")
+    p.add_argument("--steps", type=positive_int, default=50, help="timed steps (default 50)")
+    p.add_argument("--warmup", type=positive_int, default=5, help="untimed warm-up steps, compilation included (default 5)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: the workload's)")
+    p.add_argument("--seq", type=positive_int, default=None, help="sequence length (default: the workload's)")
+    p.add_argument("--precision", default=None, help="fp32, bf16 or bf16-pure (default: fp32 on CPU-only runs, else bf16)")
+    p.add_argument("--kernels", choices=("auto", "reference"), default="auto", help="custom kernels where available, or the plain-PyTorch reference ops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=_finite_positive_float, default=900.0, metavar="S", help="seconds one backend may take, start-up and compilation included (default 900)")
+    p.add_argument("--parity-tol", type=_finite_positive_float, default=None, metavar="REL", help="relative loss tolerance (default: 1e-3 fp32, 3e-2 bf16, 6e-2 bf16-pure)")
+    p.add_argument("--json", metavar="PATH", help="write the results (versioned schema)")
+    p.add_argument("--csv", metavar="PATH", help="write one CSV line per backend")
+    p.add_argument("--md", metavar="PATH", help="write a Markdown table")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: tokens/s with MFU, and loss curves")
+    p.add_argument("--price", type=_price, action="append", default=[], metavar="NAME=USD_PER_HOUR", help="USD per device-hour for a backend name or device kind (repeatable); overrides the dated table in anychip/bench/prices.py")
+    p.add_argument("--peak-tflops", type=_peak, action="append", default=[], metavar="[NAME=]X", help="peak TFLOP/s of the devices a row uses, for MFU: for every row, or NAME=X for one backend / device kind (repeatable)")
+    p.add_argument("--print-schema", action="store_true", help="print the JSON schema of --json and exit")
+    sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
+    # add_subparsers builds with the parent's class: anychip.cli.Parser, whose errors are one line.
+    c = sub.add_parser("compare", help="compare two --json results: B / A per backend")
+    c.add_argument("a", metavar="A.json")
+    c.add_argument("b", metavar="B.json")
+    c.add_argument("--max-regression", type=_nonnegative_float, default=0.05, metavar="FRACTION", help="exit 1 when a ratio is worse than this (default 0.05)")
+    p.set_defaults(func=cmd_bench)
+
+
+# -- checking the request -----------------------------------------------------------------
+
+
+def plan_backends(selection: str) -> list[tuple[str, object]]:
+    """``(name, Availability)`` per row, in run order. auto: every available backend that the
+    built-in table lists (plus plug-ins registered with auto=True), by priority; all: every
+    registered backend; otherwise the names given, in the order given."""
+    import difflib
+
+    from anychip.backends import ALIASES, REGISTRY, registrations
+
+    regs = {r.name: r for r in registrations()}
+    selection = selection.strip().lower()
+    if selection in ("auto", "all"):
+        chosen = [r for r in regs.values() if selection == "all" or r in REGISTRY or r.auto]
+        found = [(r.name, r.probe()) for r in chosen]
+        if selection == "auto":
+            found = [(n, a) for n, a in found if a.available]
+            if not found:
+                raise UsageError("no backend is available (is torch installed?); see 'anychip devices'")
+        return found
+    names = [n.strip() for n in selection.split(",")]
+    if any(not n for n in names):
+        raise UsageError(f"--backends: empty name in {selection!r}")
+    if any(n in ("auto", "all") for n in names):
+        raise UsageError("--backends: 'auto' and 'all' cannot be combined with names")
+    planned = []
+    for name in names:
+        if name in ALIASES:  # "jax": the first available of jax:tpu, jax:gpu, jax:cpu (documented alias)
+            probes = [(n, regs[n].probe()) for n in ALIASES[name]]
+            name, avail = next(((n, a) for n, a in probes if a.available), probes[0])
+        elif name in regs:
+            avail = regs[name].probe()
+        else:
+            known = sorted(regs) + sorted(ALIASES)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"--backends: unknown backend {name!r}.{hint} Known: {', '.join(known)}, or auto / all.")
+        if name in (n for n, _ in planned):
+            raise UsageError(f"--backends: {name!r} is listed twice")
+        planned.append((name, avail))
+    return planned
+
+
+def _check_output(flag: str, path: str | None) -> None:
+    if path is None:
+        return
+    if not path.strip():
+        raise UsageError(f"{flag}: empty path")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
+
+
+def _default_precision(planned) -> str:
+    runnable = [n for n, a in planned if a.available]
+    return "fp32" if runnable and all(n in HOST_CPU_BACKENDS for n in runnable) else "bf16"
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    if args.bench_command == "compare":
+        return cmd_compare(args)
+    from anychip.bench import schema
+
+    if args.print_schema:
+        print(json.dumps(schema.SCHEMA, indent=2))
+        return 0
+
+    from anychip import workloads
+    from anychip.bench import metrics, prices, report, runner
+    from anychip.precision import policy
+
+    started_at = report.now_iso()
+    runner.load_plugins()  # ValueError -> exit 2
+    try:
+        workload = workloads.get(args.workload)
+    except (TypeError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    planned = plan_backends(args.backends)
+    precision = policy(args.precision).name if args.precision is not None else _default_precision(planned)
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
+        _check_output(flag, path)
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install 'anychip[bench]'")
+    price_overrides = dict(args.price)
+    peak_tflops = dict(args.peak_tflops)
+    tolerance = args.parity_tol or metrics.PARITY_TOLERANCE.get(precision, 1e-3)
+
+    config = {
+        "workload": args.workload,
+        "backends": [n for n, _ in planned],
+        "selection": args.backends,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch": args.batch or workload.default_batch,
+        "seq": args.seq or workload.default_seq,
+        "precision": precision,
+        "kernels": args.kernels,
+        "seed": args.seed,
+        "timeout_s": args.timeout,
+        "parity_tolerance": tolerance,
+        "prices_as_of": prices.PRICES_AS_OF,
+        "price_overrides": price_overrides,
+        "peak_tflops": peak_tflops,
+    }
+    rows, interrupted = _run(args, planned, config, price_overrides, peak_tflops)
+    metrics.add_parity(rows, tolerance)
+    doc = report.document(command=_command(args, config), started_at=started_at, config=config, rows=rows, interrupted=interrupted)
+    invalid = schema.validate(doc)
+    if invalid:  # a bug in anychip, not in the input: still write what was measured
+        print(f"anychip bench: warning: the results do not match schema {schema.SCHEMA_VERSION}: {invalid[0]}", file=sys.stderr)
+
+    report.print_table(doc)
+    failed_writes = 0
+    for flag, path, write in (
+        ("--json", args.json, report.write_json),
+        ("--csv", args.csv, report.write_csv),
+        ("--md", args.md, report.write_markdown),
+        ("--plot", args.plot, report.write_plot),
+    ):
+        if path:
+            try:
+                write(doc, path)
+                print(f"wrote {path}", file=sys.stderr)
+            except OSError as exc:
+                failed_writes += 1
+                print(f"anychip bench: error: {flag} {path}: {exc.strerror or exc}", file=sys.stderr)
+    if interrupted:
+        return 130
+    tolerated = {"unavailable"} if args.backends.strip().lower() == "all" else set()
+    bad = [r for r in rows if r["status"] != "ok" and r["status"] not in tolerated]
+    return 1 if bad or failed_writes or invalid else 0
+
+
+def _command(args, config) -> list[str]:
+    """The command that reproduces this run, every default spelt out."""
+    cmd = ["anychip", "bench", "--workload", args.workload, "--backends", args.backends, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch", str(config["batch"]), "--seq", str(config["seq"]),
+           "--precision", config["precision"], "--kernels", args.kernels, "--seed", str(args.seed),
+           "--timeout", f"{args.timeout:g}", "--parity-tol", f"{config['parity_tolerance']:g}"]
+    for name, usd in args.price:
+        cmd += ["--price", f"{name}={usd:g}"]
+    for name, tflops in args.peak_tflops:
+        cmd += ["--peak-tflops", f"{tflops:g}" if name == "*" else f"{name}={tflops:g}"]
+    for flag in ("json", "csv", "md", "plot"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
+    return cmd
+
+
+def _run(args, planned, config, price_overrides, peak_tflops) -> tuple[list[dict], bool]:
+    """Run every available backend in turn under a live progress display."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from anychip.bench import metrics, runner
+
+    precision = config["precision"]
+    rows = []
+    for name, avail in planned:
+        if avail.available:
+            rows.append(metrics.empty_row(name, "skipped", "not run", precision))
+        else:
+            fix = f" (install: {avail.install})" if avail.install else ""
+            rows.append(metrics.empty_row(name, "unavailable", f"{avail.reason}{fix}", precision))
+    total = args.warmup + args.steps
+    columns = (
+        TextColumn("[bold]{task.fields[backend]:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[phase]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False, refresh_per_second=4) as progress:
+        tasks = [
+            progress.add_task("", total=total, start=False, backend=row["backend"], phase="waiting" if row["status"] == "skipped" else "unavailable")
+            for row in rows
+        ]
+        current = None
+        try:
+            for row, task in zip(rows, tasks):
+                if row["status"] != "skipped":
+                    continue
+                current = row
+                progress.start_task(task)
+                progress.update(task, phase="starting")
+
+                def on_event(event, task=task):
+                    kind = event.get("event")
+                    if kind == "ready":
+                        progress.update(task, phase=f"warm-up on {event.get('device_kind') or '?'} (compiling)")
+                    elif kind == "step" and event["phase"] == "warmup":
+                        progress.update(task, completed=event["done"], phase=f"warm-up {event['done']}/{event['total']}")
+                    elif kind == "step":
+                        progress.update(task, completed=args.warmup + event["done"], phase="timing")
+
+                spec = runner.RunSpec(
+                    backend=row["backend"], workload=args.workload, steps=args.steps, warmup=args.warmup,
+                    batch=config["batch"], seq=config["seq"], precision=precision, kernels=args.kernels, seed=args.seed,
+                )
+                outcome = runner.run_backend(spec, args.timeout, on_event)
+                row.update(status=outcome.status, error=outcome.error, startup_s=outcome.startup_s, wall_s=outcome.wall_s)
+                if outcome.ready:
+                    row.update(device_kind=outcome.ready.get("device_kind") or "", devices=outcome.ready.get("devices"),
+                               versions={k: str(v) for k, v in (outcome.ready.get("versions") or {}).items()})
+                if outcome.status == "ok":
+                    metrics.finish_row(row, outcome.measured, warmup=args.warmup, price_overrides=price_overrides, peak_tflops=peak_tflops)
+                    progress.update(task, completed=total, phase=f"[green]done[/] {row['tokens_per_s']:,.0f} tokens/s")
+                else:
+                    row["log_tail"] = outcome.log_tail
+                    progress.update(task, phase=f"[red]{outcome.status}")
+                progress.stop_task(task)
+                current = None
+        except KeyboardInterrupt:
+            # Ctrl-C: run_backend has already killed the child. Keep every finished row, mark the
+            # one in flight and the ones never started, and let the caller write the outputs.
+            if current is not None:
+                current.update(metrics.empty_row(current["backend"], "interrupted", "interrupted (Ctrl-C); the backend was stopped", precision))
+            for row in rows:
+                if row["status"] == "skipped":
+                    row["error"] = "not run: interrupted (Ctrl-C)"
+            return rows, True
+    return rows, False
+
+
+def cmd_compare(args) -> int:
+    from anychip.bench import report
+
+    a, b = report.load(args.a), report.load(args.b)  # ValueError -> one line, exit 2
+    rows, regressions = report.compare(a, b, args.max_regression)
+    report.print_comparison(rows, regressions, report.config_differences(a, b), args.a, args.b, args.max_regression)
+    return 1 if regressions else 0

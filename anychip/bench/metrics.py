@@ -1,0 +1,240 @@
+"""The arithmetic of a benchmark row, kept apart from the running so it can be checked by hand.
+
+Definitions (what the report's columns mean):
+
+- step time: wall time of one optimizer update *including* a device synchronisation, so an
+  asynchronous backend cannot look fast by queueing work; median, p10 and p90 over the timed
+  steps (warm-up and compilation excluded and reported separately).
+- tokens/s and samples/s: tokens (samples) per step / median step time. The median, not the
+  mean, so one garbage-collection pause or a late recompilation does not move the headline.
+- MFU: tokens/s x training FLOPs per token / peak FLOP/s of the devices used
+  (:func:`anychip.bench.peaks.mfu`).
+- cost: USD per hour of the devices used / 3600 / tokens per second x 1e6.
+- loss parity: per step, |loss - reference loss| / max(|reference loss|, 1e-12), against the
+  first backend that finished; a non-finite loss counts as an infinite difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from anychip.bench import peaks
+
+# Relative loss tolerance per precision. fp32 on different stacks differs in reduction order
+# only (expect 1e-6..1e-4 after tens of steps); bf16 autocast rounds every matmul input to
+# 8 bits of mantissa, so trajectories drift apart at the 1e-2 level within a few steps.
+PARITY_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "bf16-pure": 6e-2}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics
+    (numpy's default method), without numpy."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def step_time_summary(times: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": percentile(times, 50),
+        "p10": percentile(times, 10),
+        "p90": percentile(times, 90),
+        "mean": sum(times) / len(times),
+        "min": min(times),
+        "max": max(times),
+    }
+
+
+def per_second(amount_per_step: float, step_seconds: float) -> float:
+    if step_seconds <= 0:
+        raise ValueError(f"step time must be > 0, got {step_seconds}")
+    return amount_per_step / step_seconds
+
+
+def usd_per_million_tokens(usd_per_hour: float | None, tokens_per_second: float | None) -> float | None:
+    if usd_per_hour is None or not tokens_per_second:
+        return None
+    return usd_per_hour / 3600.0 / tokens_per_second * 1e6
+
+
+def mfu(tokens_per_second: float | None, flops_per_token: float | None, peak_flops: float | None) -> float | None:
+    if tokens_per_second is None or flops_per_token is None:
+        return None
+    return peaks.mfu(tokens_per_second, flops_per_token, peak_flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    reference: str
+    tolerance: float
+    steps_compared: int
+    max_rel_diff: float
+    first_step_over: int | None  # 1-based step number, None when every step is within tolerance
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        # JSON has no infinity: a non-finite loss is reported as null with the step that broke.
+        if not math.isfinite(self.max_rel_diff):
+            d["max_rel_diff"] = None
+        return d
+
+
+def loss_parity(losses: Sequence[float | None], reference: Sequence[float | None], tolerance: float, reference_name: str) -> Parity:
+    """Compare a loss trajectory with the reference one, step by step."""
+    if tolerance <= 0:
+        raise ValueError(f"parity tolerance must be > 0, got {tolerance}")
+    n = min(len(losses), len(reference))
+    worst, first = 0.0, None
+    for i in range(n):
+        # None is how JSON carries a non-finite loss.
+        a = math.nan if losses[i] is None else losses[i]
+        r = math.nan if reference[i] is None else reference[i]
+        if not (math.isfinite(a) and math.isfinite(r)):
+            diff = 0.0 if (a == r or (math.isnan(a) and math.isnan(r))) else math.inf
+        else:
+            diff = abs(a - r) / max(abs(r), 1e-12)
+        worst = max(worst, diff)
+        if first is None and diff > tolerance:
+            first = i + 1
+    if len(losses) != len(reference) and first is None:
+        first = n + 1  # one trajectory stopped early: the first missing step is a mismatch
+    return Parity(reference_name, tolerance, n, worst, first)
+
+
+# -- rows -------------------------------------------------------------------------------------------
+
+ROW_STATUSES = ("ok", "failed", "crashed", "timeout", "interrupted", "unavailable", "skipped")
+
+
+def empty_row(backend: str, status: str, error: str | None, precision: str) -> dict:
+    """A row with every field present and nothing measured (the schema requires all keys)."""
+    if status not in ROW_STATUSES:
+        raise ValueError(f"unknown row status {status!r}")
+    return {
+        "backend": backend,
+        "status": status,
+        "error": error,
+        "device_kind": "",
+        "devices": None,
+        "devices_used": None,
+        "versions": {},
+        "precision": precision,
+        "startup_s": None,
+        "setup_s": None,
+        "first_step_s": None,
+        "warmup_s": None,
+        "warmup_steps": 0,
+        "steps": 0,
+        "batch": None,
+        "seq": None,
+        "step_time_s": None,
+        "step_times_s": [],
+        "tokens_per_step": None,
+        "samples_per_step": None,
+        "tokens_per_s": None,
+        "samples_per_s": None,
+        "flops_per_token": None,
+        "peak_flops": None,
+        "peak_flops_source": None,
+        "mfu": None,
+        "memory": None,
+        "losses": [],
+        "final_loss": None,
+        "parity": None,
+        "price": None,
+        "usd_per_hour": None,
+        "usd_per_million_tokens": None,
+        "wall_s": None,
+        "log_tail": [],
+    }
+
+
+def _override(overrides: dict[str, float] | None, *keys: str) -> tuple[str, float] | None:
+    """The value given for the first of ``keys`` (backend name, then device kind) in
+    ``NAME=VALUE`` overrides, compared case-insensitively; the bare form is stored under ``*``."""
+    overrides = overrides or {}
+    for key in keys:
+        for name, value in overrides.items():
+            if key and name != "*" and name.lower() == key.lower():
+                return name, value
+    if "*" in overrides:
+        return "*", overrides["*"]
+    return None
+
+
+def finish_row(
+    row: dict,
+    measured: dict,
+    *,
+    warmup: int,
+    price_overrides: dict[str, float] | None = None,
+    peak_tflops: dict[str, float] | None = None,
+) -> dict:
+    """Fill ``row`` from a child's measurements and derive throughput, MFU and cost."""
+    from anychip.bench import prices
+
+    times = measured["step_times_s"]
+    losses = [float(x) if x is not None and math.isfinite(float(x)) else None for x in measured["losses"]]
+    summary = step_time_summary(times)
+    devices_used = int(measured.get("devices_used") or 1)
+    tokens_s = per_second(measured["tokens_per_step"], summary["median"])
+    samples_s = per_second(measured["samples_per_step"], summary["median"])
+    row.update(
+        device_kind=measured["device_kind"],
+        devices=measured["devices"],
+        devices_used=devices_used,
+        versions=dict(measured["versions"]),
+        setup_s=measured["setup_s"],
+        first_step_s=measured["first_step_s"],
+        warmup_s=measured["warmup_s"],
+        warmup_steps=warmup,
+        steps=len(times),
+        batch=measured["batch"],
+        seq=measured["seq"],
+        step_time_s=summary,
+        step_times_s=list(times),
+        tokens_per_step=measured["tokens_per_step"],
+        samples_per_step=measured["samples_per_step"],
+        tokens_per_s=tokens_s,
+        samples_per_s=samples_s,
+        flops_per_token=measured["flops_per_token"],
+        memory=measured["memory"],
+        losses=losses,
+        final_loss=losses[-1] if losses else None,
+    )
+    # Peak: --peak-tflops (per backend / device kind, or for every row) beats the backend's own
+    # figure from anychip.bench.peaks; it is the peak of the devices the row uses.
+    given = _override(peak_tflops, row["backend"], row["device_kind"])
+    if given is not None:
+        row["peak_flops"] = given[1] * 1e12
+        row["peak_flops_source"] = "--peak-tflops " + (f"{given[1]:g}" if given[0] == "*" else f"{given[0]}={given[1]:g}")
+    elif measured.get("peak_flops"):
+        row["peak_flops"] = float(measured["peak_flops"])
+        peak = peaks.lookup(row["device_kind"])
+        row["peak_flops_source"] = peak.source if peak else "backend.peak_flops()"
+    row["mfu"] = mfu(tokens_s, row["flops_per_token"], row["peak_flops"])
+
+    quote = prices.quote(row["backend"], row["device_kind"], price_overrides)
+    if quote is not None:
+        row["price"] = {"usd_per_device_hour": quote.usd_per_device_hour, "source": quote.source}
+        row["usd_per_hour"] = quote.usd_per_device_hour * devices_used
+        row["usd_per_million_tokens"] = usd_per_million_tokens(row["usd_per_hour"], tokens_s)
+    return row
+
+
+def add_parity(rows: list[dict], tolerance: float) -> None:
+    """Compare every finished row's loss trajectory with the first finished row's."""
+    finished = [r for r in rows if r["status"] == "ok" and r["losses"]]
+    if not finished:
+        return
+    ref = finished[0]
+    for row in finished:
+        row["parity"] = loss_parity(row["losses"], ref["losses"], tolerance, ref["backend"]).as_dict()

@@ -1,0 +1,207 @@
+"""The ``anychip bench`` JSON document: its schema, and a validator for it.
+
+The schema is written in the JSON Schema vocabulary (draft 2020-12) so other tools can read
+it (``anychip bench --print-schema``), but only the keywords listed in :data:`KEYWORDS` are
+used; :func:`validate` implements exactly those and refuses any other, so the schema can
+never rely on a check that silently does not happen. No ``jsonschema`` dependency.
+
+Versioning: ``schema_version`` is an integer. Adding an optional field keeps it; renaming,
+removing or changing the meaning of a field bumps it, and ``anychip bench compare`` refuses
+documents of a version it does not know.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+SCHEMA_VERSION = 1
+KIND = "anychip-bench"
+
+KEYWORDS = frozenset(
+    {"$schema", "$id", "title", "description", "type", "properties", "required", "additionalProperties",
+     "items", "enum", "const", "minimum", "pattern"}
+)
+
+_num = {"type": "number"}
+_num_or_null = {"type": ["number", "null"]}
+_nonneg_or_null = {"type": ["number", "null"], "minimum": 0}
+_int_or_null = {"type": ["integer", "null"], "minimum": 0}
+_str_map = {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def _object(properties: dict, *, optional: tuple[str, ...] = ()) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [k for k in properties if k not in optional],
+        "additionalProperties": False,
+    }
+
+
+ROW = _object(
+    {
+        "backend": {"type": "string", "pattern": r"^\S+$"},
+        "status": {"enum": ["ok", "failed", "crashed", "timeout", "interrupted", "unavailable", "skipped"]},
+        "error": {"type": ["string", "null"]},
+        "device_kind": {"type": "string"},
+        "devices": _int_or_null,
+        "devices_used": _int_or_null,
+        "versions": _str_map,
+        "precision": {"type": "string"},
+        "startup_s": _nonneg_or_null,
+        "setup_s": _nonneg_or_null,
+        "first_step_s": _nonneg_or_null,
+        "warmup_s": _nonneg_or_null,
+        "warmup_steps": {"type": "integer", "minimum": 0},
+        "steps": {"type": "integer", "minimum": 0},
+        "batch": _int_or_null,
+        "seq": _int_or_null,
+        "step_time_s": {
+            "type": ["object", "null"],
+            "properties": {k: {"type": "number", "minimum": 0} for k in ("median", "p10", "p90", "mean", "min", "max")},
+            "required": ["median", "p10", "p90", "mean", "min", "max"],
+            "additionalProperties": False,
+        },
+        "step_times_s": {"type": "array", "items": {"type": "number", "minimum": 0}},
+        "tokens_per_step": _int_or_null,
+        "samples_per_step": _int_or_null,
+        "tokens_per_s": _nonneg_or_null,
+        "samples_per_s": _nonneg_or_null,
+        "flops_per_token": _nonneg_or_null,
+        "peak_flops": _nonneg_or_null,
+        "peak_flops_source": {"type": ["string", "null"]},
+        "mfu": _nonneg_or_null,
+        "memory": {
+            "type": ["object", "null"],
+            "properties": {"peak_bytes": _int_or_null, "current_bytes": _int_or_null, "source": {"type": "string"}},
+            "required": ["peak_bytes", "current_bytes", "source"],
+            "additionalProperties": False,
+        },
+        "losses": {"type": "array", "items": _num_or_null, "description": "every step's loss, warm-up included; null = not finite"},
+        "final_loss": _num_or_null,
+        "parity": {
+            "type": ["object", "null"],
+            "properties": {
+                "reference": {"type": "string"},
+                "tolerance": {"type": "number", "minimum": 0},
+                "steps_compared": {"type": "integer", "minimum": 0},
+                "max_rel_diff": _nonneg_or_null,
+                "first_step_over": {"type": ["integer", "null"], "minimum": 1},
+            },
+            "required": ["reference", "tolerance", "steps_compared", "max_rel_diff", "first_step_over"],
+            "additionalProperties": False,
+        },
+        "price": {
+            "type": ["object", "null"],
+            "properties": {"usd_per_device_hour": {"type": "number", "minimum": 0}, "source": {"type": "string"}},
+            "required": ["usd_per_device_hour", "source"],
+            "additionalProperties": False,
+        },
+        "usd_per_hour": _nonneg_or_null,
+        "usd_per_million_tokens": _nonneg_or_null,
+        "wall_s": _nonneg_or_null,
+        "log_tail": {"type": "array", "items": {"type": "string"}},
+    }
+)
+
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://github.com/anychip/anychip/bench/schema/1",
+    "title": "anychip bench results",
+    **_object(
+        {
+            "kind": {"const": KIND},
+            "schema_version": {"const": SCHEMA_VERSION},
+            "anychip_version": {"type": "string"},
+            "command": {"type": "array", "items": {"type": "string"}},
+            "started_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"},
+            "finished_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"},
+            "interrupted": {"type": "boolean"},
+            "machine": _object(
+                {
+                    "hostname": {"type": "string"},
+                    "cpu": {"type": "string"},
+                    "cpu_count": _int_or_null,
+                    "os": {"type": "string"},
+                    "python": {"type": "string"},
+                }
+            ),
+            "config": _object(
+                {
+                    "workload": {"type": "string"},
+                    "backends": {"type": "array", "items": {"type": "string"}},
+                    "selection": {"type": "string"},
+                    "steps": {"type": "integer", "minimum": 1},
+                    "warmup": {"type": "integer", "minimum": 1},
+                    "batch": _int_or_null,
+                    "seq": _int_or_null,
+                    "precision": {"type": "string"},
+                    "kernels": {"enum": ["auto", "reference"]},
+                    "seed": {"type": "integer"},
+                    "timeout_s": {"type": "number", "minimum": 0},
+                    "parity_tolerance": {"type": "number", "minimum": 0},
+                    "prices_as_of": {"type": "string"},
+                    "price_overrides": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+                    "peak_tflops": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+                }
+            ),
+            "rows": {"type": "array", "items": ROW},
+        }
+    ),
+}
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def validate(doc, schema: dict | None = None, path: str = "$") -> list[str]:
+    """Every way ``doc`` breaks ``schema`` (default: :data:`SCHEMA`), as ``"path: problem"``
+    strings; an empty list means valid."""
+    schema = SCHEMA if schema is None else schema
+    unknown = set(schema) - KEYWORDS
+    if unknown:
+        raise ValueError(f"schema at {path} uses unsupported keyword(s) {sorted(unknown)}")
+    errors: list[str] = []
+    if "type" in schema:
+        allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_TYPES[t](doc) for t in allowed):
+            return [f"{path}: expected {' or '.join(allowed)}, got {_describe(doc)}"]
+    if "const" in schema and doc != schema["const"]:
+        errors.append(f"{path}: expected {schema['const']!r}, got {doc!r}")
+    if "enum" in schema and doc not in schema["enum"]:
+        errors.append(f"{path}: {doc!r} is not one of {schema['enum']}")
+    if "minimum" in schema and _TYPES["number"](doc) and doc < schema["minimum"]:
+        errors.append(f"{path}: {doc!r} is below the minimum {schema['minimum']}")
+    if "pattern" in schema and isinstance(doc, str) and not re.search(schema["pattern"], doc):
+        errors.append(f"{path}: {doc!r} does not match {schema['pattern']!r}")
+    if isinstance(doc, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in doc:
+                errors.append(f"{path}: missing required field {key!r}")
+        extra = schema.get("additionalProperties", True)
+        for key, value in doc.items():
+            if key in props:
+                errors += validate(value, props[key], f"{path}.{key}")
+            elif extra is False:
+                errors.append(f"{path}: unexpected field {key!r}")
+            elif isinstance(extra, dict):
+                errors += validate(value, extra, f"{path}.{key}")
+    if isinstance(doc, list) and "items" in schema:
+        for i, item in enumerate(doc):
+            errors += validate(item, schema["items"], f"{path}[{i}]")
+    return errors
+
+
+def _describe(value) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"non-finite number {value}"
+    return type(value).__name__ if value is not None else "null"

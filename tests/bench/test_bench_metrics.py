@@ -1,0 +1,151 @@
+"""The arithmetic behind a bench row, against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from anychip.bench import metrics, peaks, prices
+
+
+def test_percentile_matches_numpy_linear_interpolation():
+    rng = random.Random(0)
+    for n in (1, 2, 3, 10, 51):
+        values = [rng.uniform(0.001, 0.2) for _ in range(n)]
+        for q in (0, 10, 50, 90, 100):
+            assert metrics.percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+
+
+def test_step_time_summary_by_hand():
+    s = metrics.step_time_summary([0.5, 0.1, 0.3, 0.2, 0.4])
+    # sorted 0.1 .. 0.5: median = 0.3; p10 at position 0.4 -> 0.1 + 0.4*0.1; p90 at 3.6 -> 0.4 + 0.6*0.1
+    assert s == pytest.approx({"median": 0.3, "p10": 0.14, "p90": 0.46, "mean": 0.3, "min": 0.1, "max": 0.5})
+
+
+def test_mfu_by_hand_gpt2_small_on_one_h100():
+    # 124M parameters -> 6N = 7.44e8 FLOPs per token; 400k tokens/s -> 2.976e14 FLOP/s;
+    # H100 SXM dense bf16 peak 989.4 TFLOP/s -> MFU = 2.976e14 / 9.894e14 = 2976 / 9894 = 0.30079
+    peak = peaks.peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    assert peak == 989.4e12
+    assert metrics.mfu(400_000, 6 * 124e6, peak) == pytest.approx(2976 / 9894, rel=1e-12)
+    assert peaks.peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None  # no fp32 tensor-core figure
+    assert metrics.mfu(400_000, 6 * 124e6, None) is None  # CPU: no peak, no MFU
+
+
+def test_trainium_per_core_peaks_add_up_to_the_chip():
+    assert peaks.peak_flops("trn1 NeuronCore") == 95e12
+    assert 2 * peaks.peak_flops("trn1 NeuronCore") == peaks.peak_flops("Trainium1")
+    assert peaks.peak_flops("trn2 NeuronCore") == pytest.approx(166.75e12)  # logical core, default LNC=2
+    assert 4 * peaks.peak_flops("trn2 NeuronCore") == pytest.approx(peaks.peak_flops("Trainium2"))
+    assert 8 * peaks.peak_flops("trn2 NeuronCore (LNC=1)") == pytest.approx(peaks.peak_flops("trn2"))
+    assert 4 * peaks.peak_flops("Trainium3 NeuronCore") == pytest.approx(peaks.peak_flops("trn3"))
+    assert peaks.peak_flops("AMD EPYC") is None
+
+
+def test_cost_by_hand_on_the_dated_table():
+    # p5.48xlarge USD 55.04/h for 8 GPUs -> 6.88 per GPU-hour. 400k tokens/s = 1.44e9 tokens/h
+    # -> 6.88 / 1440 USD per million tokens.
+    q = prices.quote("cuda", "NVIDIA H100 80GB HBM3")
+    assert q.usd_per_device_hour == pytest.approx(6.88)
+    assert "p5.48xlarge" in q.source and prices.PRICES_AS_OF in q.source
+    assert metrics.usd_per_million_tokens(q.usd_per_device_hour, 400_000) == pytest.approx(6.88 / 1440)
+    # trn2.48xlarge: 16 chips, 64 logical NeuronCores
+    assert prices.quote("neuron", "Trainium2").usd_per_device_hour == pytest.approx(44.70 / 16)
+    assert prices.quote("neuron", "trn2 NeuronCore").usd_per_device_hour == pytest.approx(44.70 / 64)
+    assert prices.quote("neuron-xla", "trn1 NeuronCore").usd_per_device_hour == pytest.approx(21.50 / 32)
+    assert prices.quote("jax:tpu", "TPU v5 lite").usd_per_device_hour == 1.20
+    assert prices.quote("jax:tpu", "TPU v5p").usd_per_device_hour == 4.20
+    assert prices.quote("jax:tpu", "TPU v6e").usd_per_device_hour == 2.70
+    assert prices.quote("cpu", "AMD EPYC") is None
+
+
+def test_price_overrides_backend_then_device_kind_case_insensitive():
+    kind = "NVIDIA H100 80GB HBM3"
+    assert prices.quote("cuda", kind, {"CUDA": 11.03}).usd_per_device_hour == 11.03
+    assert prices.quote("cuda", kind, {kind.lower(): 2.0}).usd_per_device_hour == 2.0
+    assert prices.quote("cuda", kind, {"cuda": 1.0, kind: 2.0}).usd_per_device_hour == 1.0
+    q = prices.quote("cpu", "AMD EPYC", {"cpu": 0.10})
+    assert (q.usd_per_device_hour, q.source) == (0.10, "--price cpu=0.1")
+
+
+@pytest.mark.parametrize("text", ["cuda", "=3", "cuda=", "cuda=abc", "cuda=-1", "cuda=inf", "cuda=nan"])
+def test_malformed_price_is_refused(text):
+    with pytest.raises(ValueError, match="--price"):
+        prices.parse_price(text)
+
+
+def test_parse_price():
+    assert prices.parse_price("jax:tpu=1.2") == ("jax:tpu", 1.2)
+    assert prices.parse_price("TPU v5 lite=0") == ("TPU v5 lite", 0.0)
+
+
+def _measured(**over):
+    m = {
+        "device_kind": "AMD EPYC", "devices": 1, "devices_used": 1, "versions": {"torch": "2.13.0"},
+        "setup_s": 1.0, "first_step_s": 2.0, "warmup_s": 2.5, "step_times_s": [0.5, 0.1, 0.3, 0.2, 0.4],
+        "tokens_per_step": 3000, "samples_per_step": 6, "batch": 6, "seq": 500, "flops_per_token": 1e6,
+        "peak_flops": None, "memory": {"peak_bytes": 10, "current_bytes": 5, "source": "process RSS"},
+        "losses": [3.0, 2.5, 2.0, 1.5, 1.25, 1.0],
+    }
+    m.update(over)
+    return m
+
+
+def test_finish_row_by_hand():
+    row = metrics.empty_row("cpu", "ok", None, "fp32")
+    metrics.finish_row(row, _measured(), warmup=1, price_overrides={"cpu": 3.6}, peak_tflops={"*": 0.05})
+    # median step 0.3 s -> 10,000 tokens/s and 20 samples/s
+    assert row["tokens_per_s"] == pytest.approx(10_000)
+    assert row["samples_per_s"] == pytest.approx(20)
+    # 1e6 FLOPs/token x 1e4 tokens/s = 1e10 FLOP/s over a 0.05 TFLOP/s peak = 0.2
+    assert row["peak_flops"] == pytest.approx(5e10) and row["mfu"] == pytest.approx(0.2)
+    assert row["peak_flops_source"] == "--peak-tflops 0.05"
+    # USD 3.6/h over 3.6e7 tokens/h = 1e-7 USD/token = 0.1 USD per million tokens
+    assert row["usd_per_hour"] == 3.6 and row["usd_per_million_tokens"] == pytest.approx(0.1)
+    assert row["final_loss"] == 1.0 and row["steps"] == 5 and row["warmup_steps"] == 1
+
+
+def test_finish_row_named_peak_and_devices_used_scale_cost():
+    row = metrics.empty_row("neuron", "ok", None, "bf16")
+    measured = _measured(device_kind="trn2 NeuronCore", devices=64, devices_used=4, peak_flops=4 * 166.75e12)
+    metrics.finish_row(row, measured, warmup=1, peak_tflops={"other": 1.0})
+    assert row["peak_flops"] == 4 * 166.75e12  # the backend's own figure; the override names another backend
+    assert row["peak_flops_source"].startswith("AWS Neuron docs")
+    assert row["mfu"] == pytest.approx(1e10 / (4 * 166.75e12))
+    assert row["usd_per_hour"] == pytest.approx(4 * 44.70 / 64)
+    metrics.finish_row(row, measured, warmup=1, peak_tflops={"TRN2 NeuronCore": 100.0})
+    assert row["peak_flops"] == 100e12 and row["peak_flops_source"] == "--peak-tflops TRN2 NeuronCore=100"
+
+
+def test_cpu_row_has_no_mfu_and_no_cost_without_overrides():
+    row = metrics.finish_row(metrics.empty_row("cpu", "ok", None, "fp32"), _measured(), warmup=1)
+    assert row["mfu"] is None and row["price"] is None and row["usd_per_million_tokens"] is None
+
+
+def test_loss_parity():
+    ref = [3.0, 2.0, 1.0, 0.5]
+    same = metrics.loss_parity(ref, ref, 1e-3, "cpu")
+    assert (same.max_rel_diff, same.first_step_over, same.steps_compared) == (0.0, None, 4)
+    off = metrics.loss_parity([3.0, 2.001, 1.01, 0.5], ref, 1e-3, "cpu")
+    # step 2: 0.001/2 = 5e-4 (within); step 3: 0.01/1 = 1e-2 (first over)
+    assert off.max_rel_diff == pytest.approx(1e-2) and off.first_step_over == 3
+    broken = metrics.loss_parity([3.0, None, 1.0, 0.5], ref, 1e-3, "cpu")
+    assert broken.first_step_over == 2 and math.isinf(broken.max_rel_diff)
+    assert broken.as_dict()["max_rel_diff"] is None
+    short = metrics.loss_parity([3.0, 2.0], ref, 1e-3, "cpu")
+    assert short.first_step_over == 3
+    with pytest.raises(ValueError):
+        metrics.loss_parity(ref, ref, 0, "cpu")
+
+
+def test_add_parity_uses_the_first_finished_row_as_reference():
+    failed = metrics.empty_row("cuda", "crashed", "boom", "fp32")
+    a = metrics.finish_row(metrics.empty_row("cpu", "ok", None, "fp32"), _measured(), warmup=1)
+    b = metrics.finish_row(metrics.empty_row("jax:cpu", "ok", None, "fp32"), _measured(losses=[3.0, 2.5, 2.0, 1.5, 1.25, 1.1]), warmup=1)
+    metrics.add_parity([failed, a, b], 1e-3)
+    assert failed["parity"] is None
+    assert a["parity"]["reference"] == "cpu" and a["parity"]["max_rel_diff"] == 0.0
+    assert b["parity"]["first_step_over"] == 6 and b["parity"]["max_rel_diff"] == pytest.approx(0.1)

@@ -1,0 +1,192 @@
+"""The bench document: schema validation, CSV/Markdown, the plot, and `anychip bench compare`."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import pytest
+from bench_support import finished_row, make_doc, one_line, run_cli
+from support import requires
+
+from anychip.bench import metrics, report, schema
+
+
+def _doc():
+    rows = [
+        finished_row("cpu", tokens_per_s=2000.0, losses=[3.0, 2.0, 1.5, 1.2], mfu_peak_tflops=0.008),
+        finished_row("jax:cpu", tokens_per_s=1000.0, losses=[3.0, 2.0, 1.5, 1.3]),
+        metrics.empty_row("fake-crash", "crashed", "exited with status 3", "fp32"),
+    ]
+    return make_doc(rows)
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+def test_a_built_document_is_valid_and_json_clean():
+    doc = _doc()
+    assert schema.validate(doc) == []
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+    assert doc["schema_version"] == schema.SCHEMA_VERSION and doc["kind"] == "anychip-bench"
+    assert set(doc["machine"]) == {"hostname", "cpu", "cpu_count", "os", "python"}
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d.pop("machine"), "$: missing required field 'machine'"),
+        (lambda d: d["rows"][0].pop("tokens_per_s"), "$.rows[0]: missing required field 'tokens_per_s'"),
+        (lambda d: d["rows"][0].update(tokens_per_s="fast"), "$.rows[0].tokens_per_s: expected number or null, got str"),
+        (lambda d: d["rows"][0].update(tokens_per_s=-1.0), "$.rows[0].tokens_per_s: -1.0 is below the minimum 0"),
+        (lambda d: d["rows"][1].update(final_loss=math.nan), "$.rows[1].final_loss: expected number or null, got non-finite number nan"),
+        (lambda d: d["rows"][2].update(status="weird"), "$.rows[2].status: 'weird' is not one of"),
+        (lambda d: d["rows"][0].update(colour="red"), "$.rows[0]: unexpected field 'colour'"),
+        (lambda d: d["rows"][0]["step_time_s"].pop("p90"), "$.rows[0].step_time_s: missing required field 'p90'"),
+        (lambda d: d["rows"][0]["losses"].append("x"), "$.rows[0].losses[4]: expected number or null, got str"),
+        (lambda d: d["rows"][0]["versions"].update(torch=2), "$.rows[0].versions.torch: expected string, got int"),
+        (lambda d: d.update(schema_version=2), "$.schema_version: expected 1, got 2"),
+        (lambda d: d["config"].update(steps=0), "$.config.steps: 0 is below the minimum 1"),
+        (lambda d: d.update(started_at="yesterday"), "$.started_at: 'yesterday' does not match"),
+        (lambda d: d["rows"][0].update(backend="two words"), "$.rows[0].backend: 'two words' does not match"),
+    ],
+)
+def test_schema_catches(mutate, expected):
+    doc = copy.deepcopy(_doc())
+    mutate(doc)
+    errors = schema.validate(doc)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_validator_refuses_keywords_it_does_not_implement():
+    with pytest.raises(ValueError, match="oneOf"):
+        schema.validate(1, {"oneOf": [{"type": "integer"}]})
+    json.dumps(schema.SCHEMA)  # the schema itself is plain JSON
+
+
+def test_load_rejects_what_is_not_a_result(tmp_path):
+    good = tmp_path / "good.json"
+    report.write_json(_doc(), str(good))
+    assert report.load(str(good))["rows"][0]["backend"] == "cpu"
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        report.load(str(tmp_path / "text.json"))
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="not an anychip bench result: .*missing required field"):
+        report.load(str(tmp_path / "other.json"))
+    future = _doc()
+    future["schema_version"] = 99
+    (tmp_path / "future.json").write_text(json.dumps(future))
+    with pytest.raises(ValueError, match="schema_version 99"):
+        report.load(str(tmp_path / "future.json"))
+
+
+# -- CSV / Markdown / table ---------------------------------------------------------------------
+
+
+def test_csv_and_markdown(tmp_path):
+    doc = _doc()
+    report.write_csv(doc, str(tmp_path / "r.csv"))
+    with open(tmp_path / "r.csv") as fh:
+        records = list(csv.DictReader(fh))
+    assert [r["backend"] for r in records] == ["cpu", "jax:cpu", "fake-crash"]
+    assert float(records[0]["tokens_per_s"]) == pytest.approx(2000.0)
+    assert float(records[0]["mfu"]) == pytest.approx(2000 * 1e6 / 8e9)
+    assert records[1]["parity_first_step_over"] == "4" and records[2]["status"] == "crashed"
+    md = report.markdown(doc)
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3  # header, rule, one line per row
+    assert "| fake-crash | crashed |" in md and "exited with status 3" in md
+    assert "25.0%" in table[2]  # cpu MFU
+
+
+def test_terminal_table_lists_every_row_and_failure_reasons():
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    report.print_table(_doc(), console)
+    text = console.export_text()
+    for expected in ("cpu", "jax:cpu", "fake-crash", "crashed", "2,000", "25.0%", "reference", "fake-crash: crashed: exited with status 3"):
+        assert expected in text
+
+
+# -- plot -----------------------------------------------------------------------------------
+
+
+@requires("matplotlib")
+def test_plot_has_one_bar_and_one_loss_line_per_backend(tmp_path):
+    doc = _doc()
+    fig = report.figure(doc)
+    bars_ax, loss_ax = fig.axes
+    bars = bars_ax.patches
+    assert [round(b.get_height(), 6) for b in bars] == [2000.0, 1000.0, 0.0]
+    assert [t.get_text() for t in bars_ax.get_xticklabels()] == ["cpu", "jax:cpu", "fake-crash"]
+    labels = [t.get_text() for t in bars_ax.texts]
+    assert labels == ["MFU 25.0%", "MFU n/a", "crashed"]
+    lines = loss_ax.get_lines()
+    assert [line.get_label() for line in lines] == ["cpu", "jax:cpu"]  # the crashed row recorded no loss
+    assert list(lines[0].get_ydata()) == [3.0, 2.0, 1.5, 1.2]
+    assert list(lines[1].get_xdata()) == [1, 2, 3, 4]
+
+    path = tmp_path / "bench.png"
+    report.write_plot(doc, str(path))
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decodes the whole file
+        assert img.size == (1200, 450)  # figsize 12 x 4.5 in at 100 dpi
+
+
+# -- compare --------------------------------------------------------------------------------
+
+
+def _pair(tmp_path, *, b_tokens=2000.0, b_loss=1.2, b_mem=1 << 20, drop_b=False):
+    a = make_doc([finished_row("cpu", tokens_per_s=2000.0, losses=[3.0, 1.2]), finished_row("jax:cpu", tokens_per_s=500.0, losses=[3.0, 1.2])])
+    b_rows = [finished_row("cpu", tokens_per_s=b_tokens, losses=[3.0, b_loss], peak_bytes=b_mem)]
+    if not drop_b:
+        b_rows.append(finished_row("jax:cpu", tokens_per_s=500.0, losses=[3.0, 1.2]))
+    b = make_doc(b_rows)
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    report.write_json(a, str(pa))
+    report.write_json(b, str(pb))
+    return str(pa), str(pb)
+
+
+def test_compare_ratios():
+    a = make_doc([finished_row("cpu", tokens_per_s=2000.0, losses=[3.0, 1.2], peak_bytes=1000)])
+    b = make_doc([finished_row("cpu", tokens_per_s=1500.0, losses=[3.0, 1.5], peak_bytes=1100)])
+    rows, regressions = report.compare(a, b, 0.05)
+    r = rows[0]["ratios"]
+    assert r["tokens/s"] == pytest.approx(0.75)
+    assert r["step time"] == pytest.approx(2000 / 1500)
+    assert r["peak memory"] == pytest.approx(1.1)
+    assert r["final loss"] == pytest.approx(1.25)
+    assert len(regressions) == 4
+
+
+def test_compare_exit_codes(tmp_path):
+    code, out, _ = run_cli("bench", "compare", *_pair(tmp_path, b_tokens=1960.0))  # 0.98x: within 5%
+    assert code == 0 and "0.980x" in out and "no regression beyond 0.05" in out
+    code, out, _ = run_cli("bench", "compare", *_pair(tmp_path, b_tokens=1800.0))  # 0.90x
+    assert code == 1 and "0.900x" in out and "cpu: tokens/s x0.900" in out
+    code, out, _ = run_cli("bench", "compare", *_pair(tmp_path, b_tokens=1800.0), "--max-regression", "0.2")
+    assert code == 0
+    code, out, _ = run_cli("bench", "compare", *_pair(tmp_path, b_mem=2 << 20))
+    assert code == 1 and "peak memory x2.000" in out
+    code, out, _ = run_cli("bench", "compare", *_pair(tmp_path, b_loss=1.5))
+    assert code == 1 and "final loss x1.250" in out
+    code, out, _ = run_cli("bench", "compare", *_pair(tmp_path, drop_b=True))
+    assert code == 1 and "jax:cpu: finished in A, missing in B" in out
+
+
+def test_compare_bad_input_is_one_line_exit_2(tmp_path):
+    a, b = _pair(tmp_path)
+    (tmp_path / "bad.json").write_text("{")
+    for argv in ((a, str(tmp_path / "missing.json")), (a, str(tmp_path / "bad.json")), (a, b, "--max-regression", "-0.1"), (a,)):
+        code, out, err = run_cli("bench", "compare", *argv)
+        assert code == 2, argv
+        assert one_line(err).startswith("anychip bench") and out == ""
