@@ -9,6 +9,14 @@ registry with from-imports (``from anychip.backends import register``), which al
 
 from __future__ import annotations
 
+from anychip.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointVersionError,
+    load,
+    save,
+)
 from anychip.backends import Availability, BackendError, UnknownBackendError, backend, backends, reset
 from anychip.optim import SGD, AdamW, Constant, WarmupCosine, WarmupLinear
 from anychip.precision import policy
@@ -20,6 +28,10 @@ __all__ = [
     "AdamW",
     "Availability",
     "BackendError",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointVersionError",
     "Constant",
     "LossFunctionError",
     "NonFiniteLossError",
@@ -32,6 +44,8 @@ __all__ = [
     "__version__",
     "backend",
     "backends",
+    "load",
     "policy",
     "reset",
+    "save",
 ]

@@ -1,0 +1,254 @@
+"""``anychip parity``: train the same seeded model on several backends and compare the losses
+step by step (issue 7), so a move between chips can be gated in CI.
+
+Each backend runs in its own subprocess (``python -m anychip.parity --worker ...``): the
+backends never share a process, a global setting or an allocator, which is how a user runs
+them too. The first backend named is the reference; every other one must stay within
+``--rtol`` of it at every step (``|loss - ref| / |ref|``; a non-finite loss never matches).
+
+Exit status: 0 when every step of every backend matches, 1 on a mismatch (or a worker that
+failed), 2 on bad input, reported before anything runs.
+
+Plug-ins: ``ANYCHIP_PLUGINS=pkg.mod,other.mod`` names modules imported first, in the command
+and in every worker; they may register extra backends with ``anychip.backends.register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PLUGINS_ENV = "ANYCHIP_PLUGINS"
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in ``$ANYCHIP_PLUGINS`` (comma-separated); a bad name is a ValueError."""
+    import importlib
+
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import plug-in {name!r} named in ${PLUGINS_ENV}: {exc}") from exc
+    return names
+
+
+# -- one backend (the worker) --------------------------------------------------------------------
+
+
+def run_backend(backend: str, workload: str, *, steps: int, precision: str, batch: int | None, seq: int | None,
+                seed: int, lr: float) -> dict:
+    """Train ``workload`` on ``backend`` for ``steps`` updates; every loss, read each step."""
+    import anychip as ac
+    from anychip import workloads
+
+    w = workloads.get(workload)
+    be = ac.backend(backend)
+    # The recipe of `anychip train`: AdamW, warm-up + cosine, clipping; one fixed seed.
+    schedule = ac.WarmupCosine(warmup=max(1, steps // 10), total=steps)
+    # on_nonfinite="ignore": a NaN loss is recorded (and reported as a mismatch) instead of
+    # ending the worker, so the table still shows where the run went wrong.
+    step = ac.TrainStep(
+        w.build(seed=seed), w.loss_fn, ac.AdamW(lr=lr, weight_decay=0.1, schedule=schedule),
+        backend=be, precision=precision, max_grad_norm=1.0, on_nonfinite="ignore",
+    )
+    batch, seq = batch or w.default_batch, seq or w.default_seq
+    losses, grad_norms, started = [], [], time.perf_counter()
+    for i in range(steps):
+        out = step(w.batch(i, batch, seq, seed))
+        losses.append(out.loss)
+        grad_norms.append(out.grad_norm)
+    return {
+        "backend": be.name,
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "seconds": time.perf_counter() - started,
+        "versions": dict(be.availability.versions),
+    }
+
+
+def worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m anychip.parity --worker")
+    p.add_argument("--worker", action="store_true", required=True)
+    p.add_argument("--backend", required=True)
+    p.add_argument("--workload", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--precision", required=True)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--result", required=True, help="file the JSON result is written to")
+    a = p.parse_args(argv)
+    load_plugins()
+    result = run_backend(a.backend, a.workload, steps=a.steps, precision=a.precision, batch=a.batch, seq=a.seq,
+                         seed=a.seed, lr=a.lr)
+    Path(a.result).write_text(json.dumps(result))
+    return 0
+
+
+# -- comparison ------------------------------------------------------------------------------------
+
+
+def rel_diff(value: float, reference: float) -> float:
+    """``|value - reference| / |reference|``; inf when either is not finite."""
+    if not (math.isfinite(value) and math.isfinite(reference)):
+        return math.inf
+    return abs(value - reference) / abs(reference) if reference else abs(value)
+
+
+def compare(losses: dict[str, list[float]], reference: str, rtol: float) -> dict:
+    """Per backend: relative differences to ``reference``, and the first step (1-based) beyond ``rtol``."""
+    ref = losses[reference]
+    out = {}
+    for name, values in losses.items():
+        if name == reference:
+            continue
+        diffs = [rel_diff(v, r) for v, r in zip(values, ref)]
+        bad = [i + 1 for i, d in enumerate(diffs) if not d <= rtol]
+        if len(values) != len(ref):
+            bad.append(min(len(values), len(ref)) + 1)
+        out[name] = {"rel_diff": diffs, "first_mismatch": min(bad) if bad else None, "mismatches": len(bad)}
+    return out
+
+
+def format_table(losses: dict[str, list[float]], reference: str, result: dict, rtol: float) -> str:
+    others = [n for n in losses if n != reference]
+    header = ["step", f"{reference} (ref)"] + [c for n in others for c in (n, "rel diff")]
+    rows = []
+    for i in range(len(losses[reference])):
+        row = [str(i + 1), f"{losses[reference][i]:.7f}"]
+        for n in others:
+            d = result[n]["rel_diff"][i] if i < len(result[n]["rel_diff"]) else math.inf
+            value = f"{losses[n][i]:.7f}" if i < len(losses[n]) else "-"
+            row += [value, f"{d:.2e}{' !' if not d <= rtol else ''}"]
+        rows.append(row)
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def _backend_names(text: str) -> list[str]:
+    """The backends to compare, each known and available (probes only: no SDK is imported)."""
+    import difflib
+
+    from anychip.backends import ALIASES, BackendError, UnknownBackendError, registrations
+
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if len(names) < 2:
+        raise ValueError(f"--backends needs at least two comma-separated backends to compare, got {text!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--backends names a backend twice: {text!r}")
+    known = {r.name: r for r in registrations()}
+    for name in names:
+        if name in ALIASES:
+            raise ValueError(f"--backends: {name!r} is an alias of {', '.join(ALIASES[name])}; name the one to compare")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownBackendError(f"unknown backend {name!r}.{hint} Known backends: {', '.join(sorted(known))}.")
+        avail = known[name].probe()
+        if not avail.available:
+            fix = f" Install: {avail.install}" if avail.install else ""
+            raise BackendError(f"backend {name!r} is unavailable: {avail.reason}.{fix}")
+    return names
+
+
+def cmd_parity(args) -> int:
+    import anychip as ac
+    from anychip import workloads
+
+    # Everything the user typed is checked before the first worker starts.
+    load_plugins()
+    names = _backend_names(args.backends)
+    try:
+        w = workloads.get(args.workload)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    precision = ac.policy(args.precision).name
+    if args.json and not Path(args.json).absolute().parent.is_dir():
+        raise ValueError(f"--json {args.json}: directory {Path(args.json).absolute().parent} does not exist")
+
+    losses, workers = {}, {}
+    with tempfile.TemporaryDirectory(prefix="anychip-parity-") as tmp:
+        for name in names:
+            result_file = Path(tmp) / f"{len(workers)}.json"
+            cmd = [
+                sys.executable, "-m", "anychip.parity", "--worker", "--backend", name, "--workload", args.workload,
+                "--steps", str(args.steps), "--precision", precision, "--seed", str(args.seed), "--lr", repr(args.lr),
+                "--result", str(result_file),
+            ]
+            cmd += ["--batch", str(args.batch)] if args.batch else []
+            cmd += ["--seq", str(args.seq)] if args.seq else []
+            print(f"parity: running {w.name} on {name} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0 or not result_file.is_file():
+                tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                print(f"anychip parity: the {name} worker failed (exit {proc.returncode}): {tail}", file=sys.stderr)
+                return 1
+            workers[name] = json.loads(result_file.read_text())
+            losses[name] = workers[name]["losses"]
+
+    reference = names[0]
+    result = compare(losses, reference, args.rtol)
+    print(format_table(losses, reference, result, args.rtol))
+    ok = True
+    for name, r in result.items():
+        worst = max(r["rel_diff"], default=0.0)
+        if r["first_mismatch"] is None:
+            print(f"{name}: all {len(losses[name])} steps within rtol {args.rtol:g} of {reference} (max rel diff {worst:.2e})")
+        else:
+            ok = False
+            first = r["first_mismatch"]
+            d = r["rel_diff"][first - 1] if first - 1 < len(r["rel_diff"]) else math.inf
+            print(f"{name}: first mismatch at step {first} (rel diff {d:.2e} > rtol {args.rtol:g}); "
+                  f"{r['mismatches']} of {len(losses[reference])} steps outside the tolerance")
+    print("parity: OK" if ok else "parity: MISMATCH")
+    if args.json:
+        report = {
+            "workload": w.name, "backends": names, "reference": reference, "steps": args.steps,
+            "precision": precision, "rtol": args.rtol, "seed": args.seed, "ok": ok,
+            "losses": losses,
+            "rel_diff": {n: [d if math.isfinite(d) else None for d in r["rel_diff"]] for n, r in result.items()},
+            "first_mismatch": {n: r["first_mismatch"] for n, r in result.items()},
+            "workers": {n: {k: v for k, v in workers[n].items() if k != "losses"} for n in names},
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+def register(subparsers) -> None:
+    """Add ``anychip parity`` to the CLI (called by :func:`anychip.cli.build_parser`)."""
+    from anychip.cli import positive_float, positive_int
+
+    p = subparsers.add_parser("parity", help="train on several backends and compare the loss step by step")
+    p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory")
+    p.add_argument("--backends", default="cpu,jax:cpu", help="comma-separated; the first is the reference (default: cpu,jax:cpu)")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or bf16-pure")
+    p.add_argument("--rtol", type=positive_float, default=1e-5, help="largest relative loss difference per step")
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--seq", type=positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the comparison as JSON")
+    p.set_defaults(func=cmd_parity)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv[1:]:
+        sys.exit(worker_main(sys.argv[1:]))
+    from anychip.cli import main
+
+    sys.exit(main(["parity", *sys.argv[1:]]))
