@@ -4,6 +4,7 @@ torch_neuronx module (never auto-selected), and the contract facts the backend m
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 
@@ -47,10 +48,6 @@ def host(monkeypatch):
 def fake_torch_neuronx(monkeypatch):
     module = types.ModuleType("torch_neuronx")
     module.__anychip_fake__ = True
-    # TorchNeuron is an out-of-tree PrivateUse1 device; importing it names that device "neuron".
-    # Renaming is once per process and touches nothing else the tests use.
-    if torch._C._get_privateuse1_backend_name() != "neuron":
-        torch.utils.rename_privateuse1_backend("neuron")
     monkeypatch.setitem(sys.modules, "torch_neuronx", module)
     return module
 
@@ -121,7 +118,6 @@ def test_backend_facts_with_fake_torch_neuronx(host, fake_torch_neuronx, monkeyp
     host()
     be = ac.backend("neuron")
     assert be.name == "neuron"
-    assert str(be.device) == "neuron"
     assert be.device_type == "neuron"  # also the autocast device type used by the torch engine
     assert be.dist_backend == "neuron"
     seen = {}
@@ -134,6 +130,23 @@ def test_backend_facts_with_fake_torch_neuronx(host, fake_torch_neuronx, monkeyp
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: groups.append(backend))
     be.init_distributed()
     assert groups == ["neuron"]
+
+
+def test_device_string_in_a_fresh_process():
+    """TorchNeuron is an out-of-tree PrivateUse1 device named "neuron" by `import torch_neuronx`.
+    The name can be set once per process (torchax takes it for "jax"), so check in a new one."""
+    code = (
+        "import sys, types, torch\n"
+        "fake = types.ModuleType('torch_neuronx')\n"
+        "torch.utils.rename_privateuse1_backend('neuron')\n"
+        "sys.modules['torch_neuronx'] = fake\n"
+        "from anychip.backends import neuron, Availability\n"
+        "be = neuron.create(Availability('neuron', True, 'fake', devices=1, device_kind='trn2 NeuronCore'))\n"
+        "print(be.device)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "neuron"
 
 
 def test_never_auto_selected_without_devices(host, fake_torch_neuronx):
