@@ -22,6 +22,7 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
+from anychip.kernels import defaults as kernel_defaults
 from anychip.optim import AdamW, OptimizerSpec
 from anychip.precision import Policy, policy
 from anychip.recompile import ShapeWatch
@@ -224,12 +225,15 @@ class TorchEngine:
         spec = self.spec
         micro = split_batch(self.backend.place_batch(batch), spec.accumulate)
         total = None
-        for mb in micro:
-            with self._autocast():
-                loss = self._forward(mb)
-            check_loss(loss)
-            (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
-            total = loss.detach() if total is None else total + loss.detach()
+        # anychip.nn layers pick their kernels for this backend (not a process-wide setting:
+        # two steps on two backends in one process must not see each other's choice).
+        with kernel_defaults(backend=self.backend.name, kernels=spec.kernels):
+            for mb in micro:
+                with self._autocast():
+                    loss = self._forward(mb)
+                check_loss(loss)
+                (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
+                total = loss.detach() if total is None else total + loss.detach()
         loss = (total / spec.accumulate if spec.accumulate > 1 else total).float()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
@@ -241,6 +245,37 @@ class TorchEngine:
         if self._deferred:
             self.optimizer.found_inf = (~finite).float()
             self._defer_check(finite, loss, norm)
+        elif getattr(self.backend, "lazy_tensors", False) and spec.on_nonfinite != "ignore":
+            # Lazy tensors (neuron-xla): bool(finite) now would execute the graph traced so far,
+            # a second graph per step. So the update is masked on the device instead (old
+            # parameters and optimizer state where the step is not finite; a state tensor this
+            # step created is masked to zeros, what torch's AdamW and SGD start from) and the
+            # flag is read after the sync, where it is a copy and not a graph: one step later
+            # for "raise" (raise_pending_nonfinite; the device is not waited for meanwhile),
+            # right away for "skip", which must return skipped=True.
+            with torch.no_grad():
+                before = [
+                    (p, p.clone(), {k: v.clone() for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)})
+                    for p in self.params
+                ]
+                self.optimizer.step()
+                for p, old, old_state in before:
+                    p.copy_(torch.where(finite, p, old))
+                    for k, v in self.optimizer.state.get(p, {}).items():
+                        if torch.is_tensor(v):
+                            v.copy_(torch.where(finite, v, old_state[k] if k in old_state else torch.zeros_like(v)))
+            del before  # not a graph output: the old values stay graph inputs, never copied out
+            self.optimizer.zero_grad(set_to_none=True)
+            self.backend.mark_step()
+            self.updates += 1
+            if spec.on_nonfinite == "raise":
+                self._pending = (finite, None, self.updates, loss, norm)
+            elif not bool(finite):
+                self.updates -= 1
+                log.warning("anychip: step %d: loss %s, grad norm %s is not finite; update skipped (masked on the device)",
+                            self.updates + 1, float(loss), float(norm))
+                return StepOutput(self.updates, loss, norm, lr, tokens, skipped=True)
+            return StepOutput(self.updates, loss, norm, lr, tokens)
         elif spec.on_nonfinite != "ignore" and not bool(finite):
             self.optimizer.zero_grad(set_to_none=True)
             self.backend.mark_step()

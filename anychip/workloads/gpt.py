@@ -1,5 +1,6 @@
 """GPT-2 (Radford et al. 2019), written plainly: pre-LayerNorm blocks, causal SDPA, tanh-GELU,
-tied token embedding / LM head. ``small`` is GPT-2 124M with the vocabulary padded from 50257
+tied token embedding / LM head (an ``anychip.nn.LinearCrossEntropyHead``: fused with the loss
+where the backend has a kernel, so the logits are never materialised). ``small`` is GPT-2 124M with the vocabulary padded from 50257
 to 50304 (a multiple of 64, as nanoGPT does) so the LM-head matmul tiles evenly."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anychip import nn as acnn
 from anychip.workloads.data import synthetic_tokens  # noqa: F401 - part of the workload interface
 
 
@@ -57,7 +59,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(c.ctx, c.dim)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.ln_f = nn.LayerNorm(c.dim)
-        self.lm_head = nn.Linear(c.dim, c.vocab, bias=False)
+        self.lm_head = acnn.LinearCrossEntropyHead(c.dim, c.vocab)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -67,14 +69,16 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * c.layers) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx):
+    def forward(self, idx, targets=None):
+        """The loss when ``targets`` are given (the head fused with cross-entropy), else logits."""
         t = idx.shape[1]
         if t > self.config.ctx:
             raise ValueError(f"sequence length {t} exceeds the model's context {self.config.ctx}")
         x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        h = self.ln_f(x)
+        return self.lm_head.logits(h) if targets is None else self.lm_head(h, targets)
 
 
 def build(preset: str = "tiny", seed: int = 0) -> GPT:
@@ -85,8 +89,7 @@ def build(preset: str = "tiny", seed: int = 0) -> GPT:
 
 def loss_fn(model, batch):
     inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+    return model(inputs, targets)
 
 
 def flops_per_token(model: GPT, seq: int) -> float:

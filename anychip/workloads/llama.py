@@ -1,5 +1,7 @@
 """Llama-style decoder (Touvron et al. 2023): RMSNorm, rotary position embedding (rotate-half
-form), SwiGLU MLP, no biases, untied LM head. ``small`` is about 134M parameters."""
+form), SwiGLU MLP, no biases, untied LM head fused with the loss. ``small`` is about 134M
+parameters. Norms, MLP, rotary and head are ``anychip.nn`` layers, so the step picks fused
+kernels for its backend; ``TrainStep(kernels="reference")`` gives plain PyTorch."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anychip import nn as acnn
 from anychip.workloads.data import synthetic_tokens  # noqa: F401 - part of the workload interface
 
 
@@ -30,44 +33,24 @@ PRESETS = {
 }
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 class Block(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.heads = c.heads
-        self.attn_norm = RMSNorm(c.dim, c.eps)
+        self.attn_norm = acnn.RMSNorm(c.dim, c.eps)
         self.wqkv = nn.Linear(c.dim, 3 * c.dim, bias=False)
         self.wo = nn.Linear(c.dim, c.dim, bias=False)
-        self.mlp_norm = RMSNorm(c.dim, c.eps)
-        self.w_gate = nn.Linear(c.dim, c.hidden, bias=False)
-        self.w_up = nn.Linear(c.dim, c.hidden, bias=False)
-        self.w_down = nn.Linear(c.hidden, c.dim, bias=False)
+        self.mlp_norm = acnn.RMSNorm(c.dim, c.eps)
+        self.mlp = acnn.SwiGLU(c.dim, c.hidden)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, rotary):
         b, t, d = x.shape
         q, k, v = self.wqkv(self.attn_norm(x)).split(d, dim=2)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotary(q, k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.wo(y.transpose(1, 2).reshape(b, t, d))
-        h = self.mlp_norm(x)
-        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Llama(nn.Module):
@@ -76,28 +59,24 @@ class Llama(nn.Module):
         self.config = c
         self.embed = nn.Embedding(c.vocab, c.dim)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
-        self.norm = RMSNorm(c.dim, c.eps)
-        self.lm_head = nn.Linear(c.dim, c.vocab, bias=False)
-        half = c.dim // c.heads // 2
-        inv_freq = 1.0 / (c.rope_base ** (torch.arange(half, dtype=torch.float32) / half))
-        angles = torch.outer(torch.arange(c.ctx, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # rotate-half layout: [T, head_dim]
-        # Not trained and not saved: derived from the config, identical on every backend.
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.norm = acnn.RMSNorm(c.dim, c.eps)
+        self.lm_head = acnn.LinearCrossEntropyHead(c.dim, c.vocab)
+        # Tables derived from the config, not saved: identical on every backend.
+        self.rotary = acnn.Rotary(c.dim // c.heads, c.ctx, c.rope_base)
         for p in self.parameters():
             if p.ndim == 2:
                 nn.init.normal_(p, 0.0, 0.02)
 
-    def forward(self, idx):
+    def forward(self, idx, targets=None):
+        """The loss when ``targets`` are given (the head fused with cross-entropy), else logits."""
         t = idx.shape[1]
         if t > self.config.ctx:
             raise ValueError(f"sequence length {t} exceeds the model's context {self.config.ctx}")
         x = self.embed(idx)
-        cos, sin = self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+            x = block(x, self.rotary)
+        h = self.norm(x)
+        return self.lm_head.logits(h) if targets is None else self.lm_head(h, targets)
 
 
 def build(preset: str = "tiny", seed: int = 0) -> Llama:
@@ -108,8 +87,7 @@ def build(preset: str = "tiny", seed: int = 0) -> Llama:
 
 def loss_fn(model, batch):
     inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+    return model(inputs, targets)
 
 
 def flops_per_token(model: Llama, seq: int) -> float:
