@@ -33,11 +33,17 @@ def hand_written(model, loss_fn, lr_spec):
     opt = torch.optim.AdamW(params, lr=lr_spec.lr, weight_decay=lr_spec.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_spec.schedule.value(s))
     compiled = torch.compile(lambda batch: loss_fn(model, batch))
+    from anychip.kernels import defaults
+
+    def plain(batch):
+        # The plain-PyTorch model: every anychip.nn layer on its reference (inline torch) path.
+        with defaults(kernels="reference"):
+            return compiled(batch)
 
     def step(batch):
         batch = tuple(t.pin_memory().cuda(non_blocking=True) for t in batch)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(batch)
+            loss = plain(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -85,6 +85,8 @@ class Impl:
     interpreter_env: environment variable that must be "1" for ``interpreted`` ("" = none).
     experimental: never picked by auto (not verified on hardware); explicit requests only,
                   like JAX's ``BackendRegistration(experimental=True)``.
+    explicit_only: why auto does not pick it although it runs (e.g. it saves memory but was
+                  measured slower than the compiled reference); "" = auto may pick it.
     direct:       plain torch code that the public entry calls as is and torch autograd
                   differentiates; otherwise the op goes through its ``anychip::<op>`` custom op.
     note:         one line for ``available()``.
@@ -98,6 +100,7 @@ class Impl:
     priority: int = 0
     interpreted: tuple[str, ...] = ()
     interpreter_env: str = ""
+    explicit_only: str = ""
     experimental: bool = False
     direct: bool = False
     note: str = ""
@@ -167,14 +170,25 @@ TABLE: tuple[Impl, ...] = (
         note="Pallas (Mosaic) kernel with custom_vjp; not verified on a TPU, explicit only",
     ),
     _reference("linear_cross_entropy"),
+    # Both chunked heads cut the head's peak memory ~35x (9.4 GB -> 0.27 GB at GPT-2 small,
+    # 16 x 1024) but ran 6-10x slower than the inductor-compiled unfused head on an H100
+    # (benchmarks/RESULTS.md): worth asking for when memory is the limit, not a default.
     Impl(
         "linear_cross_entropy", "torch_chunked", "torch", ("cpu", "cuda"), priority=10,
         note="token chunks, logits never whole; backward recomputes each chunk",
+        explicit_only="saves memory but measured ~10x slower than the compiled unfused head (H100)",
     ),
-    _triton("linear_cross_entropy", "token chunks; cuBLAS matmul + Triton softmax/grad in place"),
+    dataclasses.replace(
+        _triton("linear_cross_entropy", "token chunks; cuBLAS matmul + Triton softmax/grad in place"),
+        explicit_only="saves memory but measured ~6x slower than the compiled unfused head (H100)",
+    ),
     _jax("linear_cross_entropy", "token chunks under lax.map/scan with custom_vjp"),
     _reference("swiglu"),
-    _triton("swiglu", "elementwise Triton forward/backward"),
+    dataclasses.replace(
+        _triton("swiglu", "elementwise Triton forward/backward"),
+        # inductor fuses the reference's silu*up into its neighbours; the opaque op cannot be
+        explicit_only="measured 0.63x the inductor-compiled reference on an H100",
+    ),
     _jax("swiglu", "jnp; XLA fuses it"),
     _reference("rotary"),
     _triton("rotary", "Triton, strided q/k, rotate-half"),
@@ -325,7 +339,7 @@ def select(op: str, backend: str, kernels: str | None = "auto") -> Impl:
     if mode == "auto":
         best = IMPLS[(op, "reference")]
         for impl in TABLE:
-            if impl.op != op or impl.experimental or backend not in impl.backends:
+            if impl.op != op or impl.experimental or impl.explicit_only or backend not in impl.backends:
                 continue
             reason = why_not(impl, backend)
             if reason:
@@ -386,6 +400,8 @@ def available(backend: str | None = None) -> list[KernelStatus]:
                     note = "experimental: explicit request only"
                 elif not reason and be in impl.interpreted:
                     note = "interpreter only: explicit request only"
+                elif not reason and impl.explicit_only:
+                    note = f"explicit request only: {impl.explicit_only}"
                 else:
                     note = reason
                 rows.append(KernelStatus(op, impl.name, be, not reason, note, impl.name == chosen, impl.note))
