@@ -22,7 +22,6 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
-from anychip.kernels import defaults as kernel_defaults
 from anychip.optim import AdamW, OptimizerSpec
 from anychip.precision import Policy, policy
 from anychip.recompile import ShapeWatch
@@ -221,6 +220,8 @@ class TorchEngine:
 
     def step(self, batch, tokens: int) -> StepOutput:
         import torch
+
+        from anychip.kernels import defaults as kernel_defaults  # imports torch: not at anychip import
 
         spec = self.spec
         micro = split_batch(self.backend.place_batch(batch), spec.accumulate)

@@ -116,6 +116,7 @@ class NativeTorchBackend(Backend):
     compile_options: dict = {}  # extra torch.compile keyword arguments
     fused_optimizer: bool = False  # torch.optim fused=True (one kernel for the whole update)
     pin_memory: bool = False  # page-locked host staging for asynchronous copies
+    lazy_tensors: bool = False  # ops are traced, not run: reading a value executes the graph so far
 
     # -- placement ---------------------------------------------------------------------------
     @property

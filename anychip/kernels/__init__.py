@@ -162,7 +162,13 @@ def _jax(op: str, note: str) -> Impl:
 # The dispatch table. Order inside an op does not matter: priority decides.
 TABLE: tuple[Impl, ...] = (
     _reference("rms_norm"),
-    _triton("rms_norm", "row-blocked Triton forward/backward, dw reduced per program"),
+    # Alone 1.09x the compiled reference, but inside a compiled llama-small step Triton
+    # rms_norm + rotary made the step 0.92x (H100, RESULTS.md): an opaque custom op stops
+    # inductor fusing the norm with its neighbours.
+    dataclasses.replace(
+        _triton("rms_norm", "row-blocked Triton forward/backward, dw reduced per program"),
+        explicit_only="llama-small step 0.92x with it vs inductor fusing the reference (H100)",
+    ),
     _jax("rms_norm", "jnp; XLA fuses it"),
     Impl(
         "rms_norm", "pallas", "jax", ("jax:tpu",), requires=("jax",), priority=20,
@@ -182,7 +188,11 @@ TABLE: tuple[Impl, ...] = (
         _triton("linear_cross_entropy", "token chunks; cuBLAS matmul + Triton softmax/grad in place"),
         explicit_only="saves memory but measured ~6x slower than the compiled unfused head (H100)",
     ),
-    _jax("linear_cross_entropy", "token chunks under lax.map/scan with custom_vjp"),
+    dataclasses.replace(
+        _jax("linear_cross_entropy", "token chunks under lax.map/scan with custom_vjp"),
+        # GPT-2 small bf16 on jax:gpu went from 435k to 290k tokens/s with it (H100, RESULTS.md)
+        explicit_only="saves memory but cost a third of jax:gpu's GPT-2-small throughput (H100)",
+    ),
     _reference("swiglu"),
     dataclasses.replace(
         _triton("swiglu", "elementwise Triton forward/backward"),
@@ -191,7 +201,10 @@ TABLE: tuple[Impl, ...] = (
     ),
     _jax("swiglu", "jnp; XLA fuses it"),
     _reference("rotary"),
-    _triton("rotary", "Triton, strided q/k, rotate-half"),
+    dataclasses.replace(
+        _triton("rotary", "Triton, strided q/k, rotate-half"),
+        explicit_only="llama-small step 0.92x with it vs inductor fusing the reference (H100)",
+    ),
     _jax("rotary", "jnp; XLA fuses it"),
     _reference("attention"),
     Impl(
