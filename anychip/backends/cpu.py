@@ -4,22 +4,10 @@ small model on a 2-core machine costs more than it saves), ``compile=True`` uses
 from __future__ import annotations
 
 import os
-import platform
 
 from anychip.backends import Availability
 from anychip.backends import probe as facts
 from anychip.backends.base import NativeTorchBackend
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def probe(name: str = "cpu") -> Availability:
@@ -27,7 +15,7 @@ def probe(name: str = "cpu") -> Availability:
     if torch_version is None:
         return Availability(name, False, "torch is not installed", install="pip install torch")
     return Availability(
-        name, True, f"{os.cpu_count()} cores", devices=1, device_kind=_cpu_name(), versions={"torch": torch_version}
+        name, True, f"{os.cpu_count()} cores", devices=1, device_kind=facts.cpu_name(), versions={"torch": torch_version}
     )
 
 

@@ -9,6 +9,7 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -59,3 +60,15 @@ def run_tool(argv: list[str], timeout: float = 5.0) -> tuple[int, str] | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.returncode, done.stdout if done.returncode == 0 else (done.stderr or done.stdout)
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -14,6 +14,8 @@ import os
 import platform
 import socket
 
+from anychip.backends.probe import cpu_name
+
 from anychip.bench import schema
 
 # -- the document ----------------------------------------------------------------------------
@@ -23,21 +25,10 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     return {
         "hostname": socket.gethostname(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "os": platform.platform(),
         "python": platform.python_version(),

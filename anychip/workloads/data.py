@@ -29,3 +29,19 @@ def synthetic_tokens(step: int, batch: int, seq: int, vocab: int, seed: int = 0)
         nxt = (a * tokens[:, t] + b) % vocab
         tokens[:, t + 1] = torch.where(noise[:, t], random_tokens[:, t], nxt)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def seeded(factory, seed: int):
+    """``factory()`` with torch's global RNG seeded and then restored: the same seed gives the
+    same initial weights on every backend, and the caller's RNG stream is left untouched."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def lm_loss(model, batch):
+    """Loss of a language model whose ``forward(inputs, targets)`` returns the mean loss."""
+    inputs, targets = batch
+    return model(inputs, targets)

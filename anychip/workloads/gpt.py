@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anychip import nn as acnn
-from anychip.workloads.data import synthetic_tokens  # noqa: F401 - part of the workload interface
+from anychip.workloads.data import lm_loss, seeded, synthetic_tokens  # noqa: F401 - synthetic_tokens: part of the workload interface
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +82,10 @@ class GPT(nn.Module):
 
 
 def build(preset: str = "tiny", seed: int = 0) -> GPT:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPT(PRESETS[preset])
+    return seeded(lambda: GPT(PRESETS[preset]), seed)
 
 
-def loss_fn(model, batch):
-    inputs, targets = batch
-    return model(inputs, targets)
+loss_fn = lm_loss
 
 
 def flops_per_token(model: GPT, seq: int) -> float:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anychip import nn as acnn
-from anychip.workloads.data import synthetic_tokens  # noqa: F401 - part of the workload interface
+from anychip.workloads.data import lm_loss, seeded, synthetic_tokens  # noqa: F401 - synthetic_tokens: part of the workload interface
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +80,10 @@ class Llama(nn.Module):
 
 
 def build(preset: str = "tiny", seed: int = 0) -> Llama:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Llama(PRESETS[preset])
+    return seeded(lambda: Llama(PRESETS[preset]), seed)
 
 
-def loss_fn(model, batch):
-    inputs, targets = batch
-    return model(inputs, targets)
+loss_fn = lm_loss
 
 
 def flops_per_token(model: Llama, seq: int) -> float:

@@ -6,15 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anychip.workloads.data import generator
+from anychip.workloads.data import generator, seeded
 
 IN, HIDDEN, CLASSES = 32, 128, 10
 
 
 def build(seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, CLASSES))
+    return seeded(lambda: nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, CLASSES)), seed)
 
 
 def batch(step: int, batch_size: int, seq: int = 1, seed: int = 0):
