@@ -214,6 +214,11 @@ class TorchEngine:
             else contextlib.nullcontext
         )
         self.updates = 0
+        from anychip.kernels import BACKENDS as KERNEL_BACKENDS
+
+        # A plug-in or test backend the kernel table does not know picks kernels by the
+        # tensors' device instead (None), as a model used outside TrainStep does.
+        self._kernel_backend = backend.name if backend.name in KERNEL_BACKENDS else None
 
     def _loss(self, batch):
         return call_loss(self.spec.loss_fn, self.model, batch)
@@ -228,7 +233,7 @@ class TorchEngine:
         total = None
         # anychip.nn layers pick their kernels for this backend (not a process-wide setting:
         # two steps on two backends in one process must not see each other's choice).
-        with kernel_defaults(backend=self.backend.name, kernels=spec.kernels):
+        with kernel_defaults(backend=self._kernel_backend, kernels=spec.kernels):
             for mb in micro:
                 with self._autocast():
                     loss = self._forward(mb)

@@ -181,13 +181,25 @@ def test_pad_to_bucket_keeps_one_signature_and_the_loss():
 
 @requires("c-compiler")
 def test_compiled_step_matches_eager():
-    # The mlp keeps inductor's CPU code generation short; the compiled path is the same for any model.
-    w = workloads.get("mlp")
-    data = batches(w, 3, batch=16)
-    eager = ac.TrainStep(w.build(seed=6), w.loss_fn, backend="cpu", compile=False)
-    compiled = ac.TrainStep(w.build(seed=6), w.loss_fn, backend="cpu", compile=True)
-    for b in data:
-        assert compiled(b).loss == pytest.approx(eager(b).loss, rel=1e-5)
+    """In a fresh process: torchax (the JAX tests) claims torch's PrivateUse1 device for "jax"
+    in this one, and inductor then refuses to compile anything here."""
+    code = """
+import anychip as ac
+from anychip import workloads
+w = workloads.get("mlp")  # the mlp keeps inductor's CPU code generation short
+data = [w.batch(i, 16) for i in range(3)]
+eager = ac.TrainStep(w.build(seed=6), w.loss_fn, backend="cpu", compile=False)
+compiled = ac.TrainStep(w.build(seed=6), w.loss_fn, backend="cpu", compile=True)
+for b in data:
+    e, c = eager(b).loss, compiled(b).loss
+    assert abs(c - e) <= 1e-5 * abs(e), (c, e)
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 # -- bad input: one clear error, before any work ---------------------------------------------------------
