@@ -19,7 +19,8 @@ class RecompileError(RuntimeError):
 
 
 def signature(leaves) -> tuple:
-    return tuple((path, tuple(t.shape), str(t.dtype).replace("torch.", "")) for path, t in leaves)
+    # Raw torch.Size / dtype objects: hashable and cheap; turned into text only by describe().
+    return tuple((path, t.shape, t.dtype) for path, t in leaves)
 
 
 class ShapeWatch:
@@ -46,6 +47,10 @@ class ShapeWatch:
 
 def describe(old: tuple, new: tuple) -> str:
     """'batch[0] shape (8, 64) -> (8, 32)' for every input that differs."""
+    def text(sig):
+        return [(path, tuple(shape), str(dtype).replace("torch.", "")) for path, shape, dtype in sig]
+
+    old, new = text(old), text(new)
     before = {path: (shape, dtype) for path, shape, dtype in old}
     parts = []
     for path, shape, dtype in new:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import math
 from typing import Any, Callable
 
 from anychip.optim import AdamW, OptimizerSpec
@@ -215,10 +217,17 @@ class TorchEngine:
         )
         self.updates = 0
         from anychip.kernels import BACKENDS as KERNEL_BACKENDS
+        from anychip.kernels import defaults as kernel_defaults
 
         # A plug-in or test backend the kernel table does not know picks kernels by the
         # tensors' device instead (None), as a model used outside TrainStep does.
-        self._kernel_backend = backend.name if backend.name in KERNEL_BACKENDS else None
+        kernel_backend = backend.name if backend.name in KERNEL_BACKENDS else None
+        # Ops without an explicit backend resolve it from the tensors' device, which names the
+        # backend already on cpu and cuda; the scope is only needed otherwise (per-step cost).
+        if spec.kernels == "auto" and kernel_backend in (None, backend.device_type):
+            self._kernel_scope = contextlib.nullcontext
+        else:
+            self._kernel_scope = functools.partial(kernel_defaults, backend=kernel_backend, kernels=spec.kernels)
 
     def _loss(self, batch):
         return call_loss(self.spec.loss_fn, self.model, batch)
@@ -226,14 +235,12 @@ class TorchEngine:
     def step(self, batch, tokens: int) -> StepOutput:
         import torch
 
-        from anychip.kernels import defaults as kernel_defaults  # imports torch: not at anychip import
-
         spec = self.spec
         micro = split_batch(self.backend.place_batch(batch), spec.accumulate)
         total = None
         # anychip.nn layers pick their kernels for this backend (not a process-wide setting:
         # two steps on two backends in one process must not see each other's choice).
-        with kernel_defaults(backend=self._kernel_backend, kernels=spec.kernels):
+        with self._kernel_scope():
             for mb in micro:
                 with self._autocast():
                     loss = self._forward(mb)
@@ -247,11 +254,14 @@ class TorchEngine:
             torch.nn.utils.clip_grads_with_norm_(self.params, spec.max_grad_norm, norm)
         self.raise_pending_nonfinite()
         lr = self._set_lr(self.updates)
-        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        eager_check = not self._deferred and not self.backend.lazy_tensors and spec.on_nonfinite != "ignore"
+        # The eager check reads two host floats: cheaper than three tensor ops on a CPU, and
+        # the same one sync elsewhere (benchmarks/bench_step_overhead.py).
+        finite = None if eager_check else torch.isfinite(loss) & torch.isfinite(norm)
         if self._deferred:
             self.optimizer.found_inf = (~finite).float()
             self._defer_check(finite, loss, norm)
-        elif getattr(self.backend, "lazy_tensors", False) and spec.on_nonfinite != "ignore":
+        elif self.backend.lazy_tensors and spec.on_nonfinite != "ignore":
             # Lazy tensors (neuron-xla): bool(finite) now would execute the graph traced so far,
             # a second graph per step. So the update is masked on the device instead (old
             # parameters and optimizer state where the step is not finite; a state tensor this
@@ -282,7 +292,7 @@ class TorchEngine:
                             self.updates + 1, float(loss), float(norm))
                 return StepOutput(self.updates, loss, norm, lr, tokens, skipped=True)
             return StepOutput(self.updates, loss, norm, lr, tokens)
-        elif spec.on_nonfinite != "ignore" and not bool(finite):
+        elif eager_check and not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
             self.backend.mark_step()
             what = f"step {self.updates + 1}: loss {float(loss)}, grad norm {float(norm)}"

@@ -2,7 +2,9 @@
 
 Both sides do the same work (forward, backward, clip_grad_norm_, AdamW, schedule); the step
 is small on purpose so that any per-step Python overhead of TrainStep shows. The two loops
-are timed interleaved, round after round, and compared by their medians.
+are timed interleaved, round after round, and compared by their fastest rounds (as timeit
+advises: on a shared 2-core machine the slower rounds measure the neighbours, and the
+median's run-to-run spread, about 5%, was as large as the effect).
 Run: make bench   (or: pytest benchmarks/bench_step_overhead.py --benchmark-only)
 """
 
@@ -16,7 +18,7 @@ import torch
 import anychip as ac
 from anychip import workloads
 
-ROUNDS, STEPS = 21, 40
+ROUNDS, STEPS = 41, 40
 MAX_RATIO = 1.05
 
 
@@ -56,12 +58,13 @@ def test_trainstep_overhead_vs_hand_written(benchmark):
     for _ in range(ROUNDS):
         t_ours.append(_time(ours, batch))
         t_theirs.append(_time(theirs, batch))
-    ratio = statistics.median(t_ours) / statistics.median(t_theirs)
+    ratio = min(t_ours) / min(t_theirs)
     benchmark.extra_info.update(
-        anychip_step_us=statistics.median(t_ours) * 1e6,
-        hand_written_step_us=statistics.median(t_theirs) * 1e6,
+        anychip_step_us=min(t_ours) * 1e6,
+        hand_written_step_us=min(t_theirs) * 1e6,
+        median_ratio=statistics.median(t_ours) / statistics.median(t_theirs),
         ratio=ratio,
     )
     benchmark.pedantic(ours, args=(batch,), rounds=50, iterations=5)
-    print(f"\nTrainStep {statistics.median(t_ours) * 1e6:.1f} us vs hand-written {statistics.median(t_theirs) * 1e6:.1f} us: ratio {ratio:.3f}")
+    print(f"\nTrainStep {min(t_ours) * 1e6:.1f} us vs hand-written {min(t_theirs) * 1e6:.1f} us (fastest rounds): ratio {ratio:.3f}")
     assert ratio <= MAX_RATIO, f"TrainStep is {ratio:.3f}x the hand-written step (limit {MAX_RATIO})"
