@@ -167,3 +167,22 @@ def test_peak_flops_per_core_in_use(host, fake_torch_neuronx, monkeypatch, env, 
     be = ac.backend("neuron")
     # Trainium2: 667 TFLOP/s bf16 per chip, 4 logical NeuronCores per chip at LNC=2
     assert be.peak_flops("bf16") == pytest.approx(667e12 / 4 * cores)
+
+
+def test_dynamic_shapes_warn_before_the_first_compile(host, fake_torch_neuronx, monkeypatch, caplog):
+    import logging
+
+    from anychip.backends.base import NativeTorchBackend
+
+    host()
+    be = ac.backend("neuron")
+    # no Neuron device here: stop at the placement, which is where the warning must come from
+    monkeypatch.setattr(NativeTorchBackend, "place_batch", lambda self, batch: batch)
+    x = torch.zeros(2, 16, dtype=torch.long)
+    torch._dynamo.mark_dynamic(x, 1)
+    with caplog.at_level(logging.WARNING, logger="anychip"):
+        be.place_batch((x, x.clone()))
+        be.place_batch((x, x))
+    assert caplog.text.count("neuron compiles static shapes only; batch dims [1]") == 1
+    plain = ac.backend("neuron")
+    assert plain is be

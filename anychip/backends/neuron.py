@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 from anychip.backends import Availability
 from anychip.backends import probe as facts
 from anychip.backends.base import NativeTorchBackend
+
+log = logging.getLogger("anychip")
 
 NATIVE_FROM = (2, 13)  # torch-neuronx 2.13+ is TorchNeuron; earlier versions are the XLA lineage
 INSTALL_NATIVE = (
@@ -150,9 +153,33 @@ class NeuronBackend(NativeTorchBackend):
     # The Neuron compiler takes whole static graphs: no graph breaks, no dynamic shapes.
     compile_options = {"fullgraph": True, "dynamic": False}
 
+    _warned_dynamic = False
+
     @property
     def devices_in_use(self) -> int:
         return cores_in_use()
+
+    def place_batch(self, batch):
+        self._warn_dynamic(batch)
+        return super().place_batch(batch)
+
+    def _warn_dynamic(self, batch) -> None:
+        """Dimensions marked dynamic (torch._dynamo.mark_dynamic) cannot stay dynamic here: the
+        Neuron compiler takes static shapes only, so every new size is a full recompile
+        (minutes). Said once, before the first compile, since place_batch runs before it."""
+        from anychip.backends.base import map_tensors
+
+        if self._warned_dynamic:
+            return
+        marked = []
+        map_tensors(lambda t: marked.append(sorted(getattr(t, "_dynamo_dynamic_indices", ()))), batch)
+        dims = sorted({d for m in marked for d in m})
+        if dims:
+            self._warned_dynamic = True
+            log.warning(
+                "anychip: neuron compiles static shapes only; batch dims %s were marked dynamic, so each "
+                "new size is a full recompile: pad to a few sizes with anychip.recompile.pad_to_bucket", dims,
+            )
 
     def peak_flops(self, dtype: str = "bf16") -> float | None:
         from anychip.bench.peaks import NEURON_CORES_PER_CHIP, peak_flops
