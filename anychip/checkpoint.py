@@ -127,7 +127,7 @@ def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path
     if final.exists():
         raise CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten (delete it first to save again)")
 
-    aliases = _aliases(step.model.state_dict())
+    aliases = _aliases(step.model.state_dict(keep_vars=True))
     model = {k: t for k, t in state["model"].items() if k not in aliases}
     optimizer = {f"{slot}/{name}": t for slot, by_name in state["optimizer"]["slots"].items() for name, t in by_name.items()}
     blobs = {
@@ -259,7 +259,12 @@ def _aliases(live_state: dict) -> dict:
     for name, t in live_state.items():
         if not t.numel():
             continue
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        try:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        except RuntimeError:
+            # Lazy (XLA) tensors have no data pointer; tied weights are one Parameter object
+            # (keep_vars=True hands out the objects themselves).
+            key = ("object", id(t))
         if key in seen:
             aliases[name] = seen[key]
         else:
