@@ -193,6 +193,12 @@ class TorchEngine:
         import torch
 
         self.backend, self.spec = backend, spec
+        if spec.parallel is not None:
+            # Refused rather than ignored: a silently unsharded run would look like a slow one.
+            raise NotImplementedError(
+                f"parallel={spec.parallel!r} is not supported on the torch backend {backend.name!r} yet; "
+                "the jax backends support it, or wrap the model in torch DDP/FSDP yourself"
+            )
         model = spec.model
         if spec.policy.param_dtype != "fp32":
             model = model.to(spec.policy.torch_dtype("param"))

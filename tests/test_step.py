@@ -351,3 +351,9 @@ def test_deferred_nonfinite_check_with_a_fused_optimizer():
     assert step.engine.optimizer.param_groups[0]["lr"] == pytest.approx(spec.lr_at(1))
     assert int(step.engine.optimizer.state[step.engine.params[0]]["step"]) == 1
     assert step(w.batch(3, 8)).step == 2  # training goes on from the last good state
+
+
+def test_parallel_on_a_torch_backend_is_refused_not_ignored():
+    w = workloads.get("mlp")
+    with pytest.raises(NotImplementedError, match="parallel='ddp' is not supported on the torch backend 'cpu'"):
+        ac.TrainStep(w.build(), w.loss_fn, backend="cpu", parallel="ddp")
