@@ -5,8 +5,10 @@ Definitions (what the report's columns mean):
 - step time: wall time of one optimizer update *including* a device synchronisation, so an
   asynchronous backend cannot look fast by queueing work; median, p10 and p90 over the timed
   steps (warm-up and compilation excluded and reported separately).
-- tokens/s and samples/s: tokens (samples) per step / median step time. The median, not the
-  mean, so one garbage-collection pause or a late recompilation does not move the headline.
+- tokens/s and samples/s: tokens (samples) of a throughput window (half the timed steps, run
+  back to back with one synchronisation at the end, as a training loop runs) / its wall time.
+  The percentiles come from the other half, synchronised per step. Without a window (fewer
+  than 4 timed steps): per step / median step time.
 - MFU: tokens/s x training FLOPs per token / peak FLOP/s of the devices used
   (:func:`anychip.bench.peaks.mfu`).
 - cost: USD per hour of the devices used / 3600 / tokens per second x 1e6.
@@ -185,8 +187,13 @@ def finish_row(
     losses = [float(x) if x is not None and math.isfinite(float(x)) else None for x in measured["losses"]]
     summary = step_time_summary(times)
     devices_used = int(measured.get("devices_used") or 1)
-    tokens_s = per_second(measured["tokens_per_step"], summary["median"])
-    samples_s = per_second(measured["samples_per_step"], summary["median"])
+    window = measured.get("throughput_window")
+    if window and window.get("seconds"):
+        per_step_s = window["seconds"] / window["steps"]
+    else:
+        window, per_step_s = None, summary["median"]
+    tokens_s = per_second(measured["tokens_per_step"], per_step_s)
+    samples_s = per_second(measured["samples_per_step"], per_step_s)
     row.update(
         device_kind=measured["device_kind"],
         devices=measured["devices"],
@@ -196,7 +203,8 @@ def finish_row(
         first_step_s=measured["first_step_s"],
         warmup_s=measured["warmup_s"],
         warmup_steps=warmup,
-        steps=len(times),
+        steps=len(times) + (window["steps"] if window else 0),
+        throughput_window=window,
         batch=measured["batch"],
         seq=measured["seq"],
         step_time_s=summary,

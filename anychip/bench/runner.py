@@ -183,8 +183,20 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         emit("step", phase="warmup", done=i + 1, total=spec.warmup)
 
     backend.reset_peak_memory()
-    times = []
-    for i in range(spec.warmup, total):
+    # Two views of the steady state. First half: a throughput window, steps back to back and
+    # one synchronisation at its end, as a training loop runs (tokens/s comes from it; a sync
+    # per step would take JAX's dispatch overlap away). Second half: one synchronisation per
+    # step, so the step-time percentiles are real and queueing cannot hide a slow step.
+    window = spec.steps // 2 if spec.steps >= 4 else 0
+    times, window_s = [], None
+    start = time.perf_counter()
+    for i in range(spec.warmup, spec.warmup + window):
+        outputs.append(step(batches[i]))
+        emit("step", phase="timed", done=i + 1 - spec.warmup, total=spec.steps)
+    if window:
+        backend.synchronize()
+        window_s = time.perf_counter() - start
+    for i in range(spec.warmup + window, total):
         t = time.perf_counter()
         out = step(batches[i])
         backend.synchronize()  # per step: an asynchronous backend must not look fast by queueing
@@ -206,6 +218,7 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         "first_step_s": warm_times[0] if warm_times else None,
         "warmup_s": sum(warm_times),
         "step_times_s": times,
+        "throughput_window": {"steps": window, "seconds": window_s} if window else None,
         "tokens_per_step": int(outputs[-1].tokens),
         "samples_per_step": batch_size,
         "batch": batch_size,

@@ -102,7 +102,14 @@ ROW = _object(
         "usd_per_million_tokens": _nonneg_or_null,
         "wall_s": _nonneg_or_null,
         "log_tail": {"type": "array", "items": {"type": "string"}},
-    }
+        "throughput_window": {
+            "type": ["object", "null"],
+            "properties": {"steps": {"type": "integer", "minimum": 1}, "seconds": {"type": "number", "minimum": 0}},
+            "required": ["steps", "seconds"],
+            "additionalProperties": False,
+        },
+    },
+    optional=("throughput_window",),
 )
 
 SCHEMA = {

@@ -149,3 +149,19 @@ def test_add_parity_uses_the_first_finished_row_as_reference():
     assert failed["parity"] is None
     assert a["parity"]["reference"] == "cpu" and a["parity"]["max_rel_diff"] == 0.0
     assert b["parity"]["first_step_over"] == 6 and b["parity"]["max_rel_diff"] == pytest.approx(0.1)
+
+
+def test_tokens_per_second_come_from_the_throughput_window():
+    from anychip.bench import metrics
+
+    row = metrics.empty_row("cpu", "ok", None, "fp32")
+    measured = {
+        "device_kind": "x", "devices": 1, "devices_used": 1, "versions": {}, "setup_s": 0.0,
+        "first_step_s": 1.0, "warmup_s": 1.0, "step_times_s": [0.5, 0.5], "tokens_per_step": 100,
+        "samples_per_step": 4, "batch": 4, "seq": 25, "flops_per_token": None, "peak_flops": None,
+        "memory": None, "losses": [1.0] * 5, "throughput_window": {"steps": 2, "seconds": 0.4},
+    }
+    metrics.finish_row(row, measured, warmup=1)
+    # 2 steps x 100 tokens in 0.4 s = 500 tokens/s (the synced median alone would say 200)
+    assert row["tokens_per_s"] == 500.0 and row["samples_per_s"] == 20.0
+    assert row["steps"] == 4 and row["step_time_s"]["median"] == 0.5
