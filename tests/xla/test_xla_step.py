@@ -237,3 +237,38 @@ def test_nonfinite_skip_is_known_at_once_even_on_the_first_step(fresh_runs):
     # following updates match a cpu run that never updated at all.
     assert_close_per_step([o.loss for o in got if not o.skipped], [o.loss for o in expected if not o.skipped], rtol=1e-5)
     assert be.graph_stats()["compiles"] == compiles
+
+
+# -- portable training state between `cpu` and `neuron-xla` -------------------------------------
+# Last in this file on purpose: the exact graph counts above are taken by the session fixture
+# first, and these tests reuse its shapes (cached graphs) instead of compiling their own.
+
+MOVE_STEPS = 6  # 3 before the move, 3 after
+
+
+OPTIMIZERS = {
+    "adamw-warmupcosine": lambda: adamw(MOVE_STEPS),
+    "adamw-constant": lambda: ac.AdamW(lr=1e-2, weight_decay=0.1),
+    "sgd-nesterov-warmuplinear": lambda: ac.SGD(lr=5e-2, momentum=0.9, nesterov=True, weight_decay=0.01, schedule=ac.WarmupLinear(1, MOVE_STEPS)),
+    "sgd-momentum-constant": lambda: ac.SGD(lr=5e-2, momentum=0.9),
+    "sgd-plain-warmupcosine": lambda: ac.SGD(lr=5e-2, schedule=ac.WarmupCosine(2, MOVE_STEPS)),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
+@pytest.mark.parametrize("first, second", [("cpu", "neuron-xla"), ("neuron-xla", "cpu")])
+def test_resume_on_the_other_backend_equals_uninterrupted_cpu(tmp_path, optimizer, first, second):
+    batches = data("gpt-tiny", MOVE_STEPS)
+    straight = make("gpt-tiny", "cpu", optimizer())
+    expected = [straight(b).loss for b in batches]
+
+    opt = optimizer()
+    a = make("gpt-tiny", first, opt)
+    got = [a(b).loss for b in batches[:3]]
+    ac.save(a, tmp_path)
+    b = make("gpt-tiny", second, opt)
+    ac.load(tmp_path, b)
+    assert b.step_count == 3
+    got += [b(x).loss for x in batches[3:]]
+    # fp32, the tolerance of the parity tests (measured differences are ~1e-6)
+    assert got == pytest.approx(expected, rel=1e-5)
