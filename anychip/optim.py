@@ -294,9 +294,3 @@ class SGD(OptimizerSpec):
             return updates, SGDState(state.count + 1, new_buffers)
 
         return _optax_transform(init, update)
-
-def torch_schedule(optimizer, spec: OptimizerSpec):
-    """A ``LambdaLR`` that evaluates the spec's schedule; update ``s`` uses ``lr * schedule(s)``."""
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: spec.schedule.value(s))

@@ -25,21 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PLUGINS_ENV = "ANYCHIP_PLUGINS"
-
-
-def load_plugins() -> list[str]:
-    """Import the modules named in ``$ANYCHIP_PLUGINS`` (comma-separated); a bad name is a ValueError."""
-    import importlib
-
-    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import plug-in {name!r} named in ${PLUGINS_ENV}: {exc}") from exc
-    return names
-
+from anychip.backends import load_plugins  # stdlib-only: the parity CLI stays light
 
 # -- one backend (the worker) --------------------------------------------------------------------
 

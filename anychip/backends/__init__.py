@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 log = logging.getLogger("anychip")
 
 ENV_VAR = "ANYCHIP_BACKEND"
+PLUGINS_ENV = "ANYCHIP_PLUGINS"
 
 
 class BackendError(RuntimeError):
@@ -120,6 +121,29 @@ def unregister(name: str) -> None:
     reset()
 
 
+def load_plugins() -> list[str]:
+    """Import the modules named in ``$ANYCHIP_PLUGINS`` (comma-separated), which register
+    backends (or workloads) from other packages or tests. Returns the ``sys.path`` roots they
+    were found under, so a worker process can import them too. A bad name is a ValueError."""
+    import os.path
+
+    roots = []
+    for name in (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if not name:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import plug-in {name!r} named in ${PLUGINS_ENV}: {exc}") from exc
+        path = getattr(module, "__file__", None)
+        if path:
+            root = os.path.dirname(os.path.abspath(path))
+            for _ in range(name.count(".") + (os.path.basename(path) == "__init__.py")):
+                root = os.path.dirname(root)
+            roots.append(root)
+    return roots
+
+
 def reset() -> None:
     """Forget cached selections and backend objects (tests, or after changing the environment)."""
     _cache.clear()
@@ -205,6 +229,7 @@ __all__ = [
     "UnknownBackendError",
     "backend",
     "backends",
+    "load_plugins",
     "register",
     "registrations",
     "reset",

@@ -76,7 +76,7 @@ def register(subparsers) -> None:
         help="run one workload on several backends, side by side",
         description="Run the same training step on several backends (one process each) and compare "
         "throughput, MFU, memory, loss parity and cost. 'anychip bench compare A.json B.json' compares two runs.",
-        epilog="Backends from other packages (or test fakes): ANYCHIP_BENCH_PLUGINS=module[,module] names modules "
+        epilog="Backends from other packages (or test fakes): ANYCHIP_PLUGINS=module[,module] names modules "
         "that call anychip.backends.register(...) when imported; they load in every backend process too.",
     )
     p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory (default gpt-tiny)")

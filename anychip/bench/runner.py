@@ -16,7 +16,7 @@ go to a log whose tail explains a crash:
     {"event": "step", "phase": "warmup" | "timed", "done": k, "total": n}
     {"event": "result", "row": {...measurements...}}      or      {"event": "error", ...}
 
-Test-only or third-party backends reach the child through ``ANYCHIP_BENCH_PLUGINS``: a
+Test-only or third-party backends reach the child through ``ANYCHIP_PLUGINS``: a
 comma-separated list of modules, imported in the parent and in every child before any backend
 is looked up; importing one is expected to call :func:`anychip.backends.register`.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import select
@@ -41,7 +40,8 @@ import threading
 import time
 from typing import Callable
 
-PLUGINS_ENV = "ANYCHIP_BENCH_PLUGINS"
+from anychip.backends import load_plugins
+
 LOG_TAIL_LINES = 15
 
 
@@ -85,29 +85,6 @@ class Outcome:
 # -- plug-ins -----------------------------------------------------------------------------------
 
 
-def plugin_modules() -> list[str]:
-    return [name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
-
-
-def load_plugins() -> list[str]:
-    """Import every module named in ``ANYCHIP_BENCH_PLUGINS``; returns the sys.path roots they
-    were found under, so that a child can import them too."""
-    roots = []
-    for name in plugin_modules():
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            raise ValueError(f"{PLUGINS_ENV}: cannot import {name!r}: {exc}") from exc
-        path = getattr(module, "__file__", None)
-        if path:
-            root = os.path.dirname(os.path.abspath(path))
-            depth = name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
-            for _ in range(depth):
-                root = os.path.dirname(root)
-            roots.append(root)
-    return roots
-
-
 # -- the child ----------------------------------------------------------------------------------
 
 
@@ -123,18 +100,6 @@ def _watch_parent() -> None:
             time.sleep(1.0)
 
     threading.Thread(target=watch, name="anychip-bench-parent-watch", daemon=True).start()
-
-
-def devices_in_use(backend) -> int:
-    """Devices one process of ``backend`` drives: what cost is charged for, and what its
-    ``peak_flops()`` ("of the devices in use") covers. A backend may state it as
-    ``devices_in_use``; otherwise the JAX backends drive every local device (their mesh), and
-    the torch backends one (``torch.device("cuda", LOCAL_RANK)``)."""
-    stated = getattr(backend, "devices_in_use", None)
-    if isinstance(stated, int) and stated >= 1:
-        return stated
-    local = getattr(backend, "local_devices", None)
-    return len(local) if local else 1
 
 
 def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
@@ -212,7 +177,7 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     return {
         "device_kind": backend.device_kind,
         "devices": backend.device_count,
-        "devices_used": devices_in_use(backend),
+        "devices_used": backend.devices_in_use,
         "versions": versions,
         "setup_s": setup_s,
         "first_step_s": warm_times[0] if warm_times else None,

@@ -1,4 +1,4 @@
-"""Test-only backends for ``anychip bench``, loaded through ``ANYCHIP_BENCH_PLUGINS=anychip_bench_fakes``
+"""Test-only backends for ``anychip bench``, loaded through ``ANYCHIP_PLUGINS=anychip_bench_fakes``
 in the bench process and in every runner child. Each is the real ``cpu`` backend with one
 behaviour changed; none is ever auto-selected (``auto=False``).
 

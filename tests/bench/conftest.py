@@ -16,7 +16,7 @@ def fakes(monkeypatch):
     from anychip.backends import unregister
 
     monkeypatch.syspath_prepend(HERE)
-    monkeypatch.setenv("ANYCHIP_BENCH_PLUGINS", FAKES)
+    monkeypatch.setenv("ANYCHIP_PLUGINS", FAKES)
     sys.modules.pop(FAKES, None)
     import anychip_bench_fakes
 

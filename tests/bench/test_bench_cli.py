@@ -67,9 +67,9 @@ def test_unwritable_output_path(tmp_path, no_runs):
 
 
 def test_bad_plugin_module_is_bad_input(monkeypatch, no_runs):
-    monkeypatch.setenv("ANYCHIP_BENCH_PLUGINS", "no_such_plugin_xyz")
+    monkeypatch.setenv("ANYCHIP_PLUGINS", "no_such_plugin_xyz")
     code, _, err = run_cli("bench")
-    assert code == 2 and "ANYCHIP_BENCH_PLUGINS: cannot import 'no_such_plugin_xyz'" in one_line(err)
+    assert code == 2 and "cannot import plug-in 'no_such_plugin_xyz' named in $ANYCHIP_PLUGINS" in one_line(err)
 
 
 def test_defaults_without_arguments():
