@@ -17,6 +17,7 @@ from anychip.checkpoint import (
     load,
     save,
 )
+from anychip.distributed import DistributedError, init_distributed, is_main_process
 from anychip.backends import Availability, BackendError, UnknownBackendError, backend, backends, reset
 from anychip.optim import SGD, AdamW, Constant, WarmupCosine, WarmupLinear
 from anychip.precision import policy
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointVersionError",
     "Constant",
+    "DistributedError",
     "LossFunctionError",
     "NonFiniteLossError",
     "SGD",
@@ -44,6 +46,8 @@ __all__ = [
     "__version__",
     "backend",
     "backends",
+    "init_distributed",
+    "is_main_process",
     "load",
     "policy",
     "reset",

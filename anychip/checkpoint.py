@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from anychip import distributed
+
 log = logging.getLogger("anychip")
 
 FORMAT = "anychip-checkpoint"
@@ -112,6 +114,8 @@ def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path
     ``keep_last=K`` then removes all but the K newest complete checkpoints. ``extra`` is any
     JSON-serialisable value stored in the manifest and returned by :func:`load`.
     Raises :class:`CheckpointExistsError` rather than replace a checkpoint of the same update.
+    Under torchrun / jax.distributed every process calls it; rank 0 writes (sharded FSDP state
+    is gathered whole first) and every process returns or raises with rank 0's outcome.
     """
     if keep_last is not None and not (isinstance(keep_last, int) and not isinstance(keep_last, bool) and keep_last >= 1):
         raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
@@ -121,12 +125,32 @@ def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path
         raise TypeError(f"extra must be JSON-serialisable (dicts, lists, str, numbers): {exc}") from None
     st = _safetensors()
     root = Path(path)
+    final = root / _dir_name(step.step_count)
+    main = distributed.is_main_process()
+    # Several processes: all of them call save() (an FSDP state is gathered collectively), rank 0
+    # alone writes, and every rank learns rank 0's outcome, so none goes on as if saved.
+    exists = f"{final} already exists; checkpoints are never overwritten (delete it first to save again)"
+    if distributed.main_outcome(exists if main and final.exists() else None):
+        raise CheckpointExistsError(exists)
     state = step.state_dict()
-    n = int(state["step"])
-    final = root / _dir_name(n)
-    if final.exists():
-        raise CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten (delete it first to save again)")
+    if not main:
+        error = distributed.main_outcome(None)
+        if error:
+            raise CheckpointError(f"rank 0 could not write {final}: {error}")
+        return final
+    try:
+        written = _write(st, step, state, root, final, extra)
+    except BaseException as exc:
+        distributed.main_outcome(f"{type(exc).__name__}: {exc}")
+        raise
+    distributed.main_outcome(None)
+    if keep_last is not None:
+        _rotate(root, keep_last, keep=written)
+    return written
 
+
+def _write(st, step, state: dict, root: Path, final: Path, extra) -> Path:
+    """Serialise ``state`` and rename it into place as ``final`` (the crash-safe part of save)."""
     aliases = _aliases(step.model.state_dict(keep_vars=True))
     model = {k: t for k, t in state["model"].items() if k not in aliases}
     optimizer = {f"{slot}/{name}": t for slot, by_name in state["optimizer"]["slots"].items() for name, t in by_name.items()}
@@ -152,9 +176,7 @@ def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(root)
-    log.info("anychip: saved update %d to %s", n, final)
-    if keep_last is not None:
-        _rotate(root, keep_last, keep=final)
+    log.info("anychip: saved update %d to %s", state["step"], final)
     return final
 
 

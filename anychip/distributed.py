@@ -1,30 +1,244 @@
-"""Process groups on the engines users already run (torchrun / torch.distributed).
+"""Several processes, on the engines users already run: torchrun / torch.distributed, and JAX's
+multi-controller runtime (``jax.distributed``). Nothing here launches processes; it reads
+what the launcher set:
 
-Reads the standard torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+* torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+  ``MASTER_PORT``;
+* JAX: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (or whatever
+  cluster JAX detects by itself: SLURM, Open MPI, Cloud TPU).
+
+``init_distributed()`` joins the right one for the selected backend; ``is_main_process()`` and
+friends answer from whichever is running, without importing torch or jax to do so.
+
+Failures between processes (a peer killed, a peer stuck) surface as :class:`DistributedError`:
+every collective runs under the process group's timeout (``ANYCHIP_DIST_TIMEOUT`` seconds,
+default 300), so a surviving rank stops with that error instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
+import re
+import sys
+
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "ANYCHIP_DIST_TIMEOUT"
+
+
+class DistributedError(RuntimeError):
+    """Something between processes failed: a launch that is missing, a peer that died or hung."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where this process sits: ``engine`` is "torchrun", "jax.distributed" or None (alone)."""
+
+    engine: str | None
+    world_size: int
+    rank: int
+    local_rank: int
+    local_world_size: int
+    coordinator: str | None = None
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    def describe(self) -> str:
+        if self.engine is None:
+            return "single process (no torchrun or jax.distributed launch detected)"
+        where = f", coordinator {self.coordinator}" if self.coordinator else ""
+        return (
+            f"{self.engine}: world size {self.world_size} ({self.nodes} node(s) x {self.local_world_size}), "
+            f"this is rank {self.rank} (local rank {self.local_rank}){where}"
+        )
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "nodes": self.nodes}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer; unset it or fix the launcher") from None
+
+
+def _torch_group():
+    """torch.distributed when a process group is up (only if torch was imported already)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _jax_multiprocess():
+    """The jax module when jax.distributed joined several processes (only if jax was imported)."""
+    jax = sys.modules.get("jax")
+    if jax is None or not getattr(jax, "distributed", None) or not jax.distributed.is_initialized():
+        return None
+    return jax
+
+
+def layout() -> Layout:
+    """This process's place in the run, from the live runtime if one is up, else the launcher's
+    environment variables. Cheap: imports neither torch nor jax."""
+    dist = _torch_group()
+    if dist is not None:
+        world = dist.get_world_size()
+        return Layout("torchrun", world, dist.get_rank(), _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world), _master())
+    jax = _jax_multiprocess()
+    if jax is not None:
+        return Layout("jax.distributed", jax.process_count(), jax.process_index(), 0, 1, os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if "WORLD_SIZE" in os.environ:
+        world = _env_int("WORLD_SIZE", 1)
+        return Layout("torchrun", world, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world), _master())
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return Layout("jax.distributed", _env_int("JAX_NUM_PROCESSES", 1), _env_int("JAX_PROCESS_ID", 0), 0, 1, os.environ["JAX_COORDINATOR_ADDRESS"])
+    return Layout(None, 1, 0, 0, 1)
+
+
+def _master() -> str | None:
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{addr}:{port}" if addr and port else None
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return layout().world_size
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return layout().rank
+
+
+def local_rank() -> int:
+    return layout().local_rank
 
 
 def is_main_process() -> bool:
-    return rank() == 0
+    """True on rank 0 (and in a single process): where logs, checkpoints and results are written."""
+    return layout().rank == 0
 
 
-def init_process_group(backend: str, timeout_s: float = 300.0) -> None:
-    """Join the process group torchrun set up; a no-op outside torchrun or when already joined."""
+def timeout_s() -> float:
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistributedError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds > 0")
+    return seconds
+
+
+def launch_hint(script: str | None = None) -> str:
+    script = script or (os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c", "-m") else "train.py")
+    return f"torchrun --nproc-per-node=N {script}"
+
+
+def require_launch(parallel: str) -> None:
+    """Refuse ``parallel=`` on a torch backend in a process torchrun did not start."""
+    if _torch_group() is None and "WORLD_SIZE" not in os.environ:
+        raise DistributedError(
+            f"parallel={parallel!r} needs one process per device started by torchrun (WORLD_SIZE is not set); "
+            f"launch with: {launch_hint()}"
+        )
+
+
+def init_distributed(backend=None, *, timeout: float | None = None) -> Layout:
+    """Join the run the launcher started, for ``backend`` (a name or Backend; default the
+    selected one): a torch process group (nccl / neuron / xla / gloo, as the backend says)
+    under torchrun, ``jax.distributed.initialize()`` for the jax backends. A no-op (returning
+    the single-process layout) when nothing launched this process as part of a group; safe to
+    call twice."""
+    from anychip.backends import backend as select
+    from anychip.backends.base import Backend
+
+    be = backend if isinstance(backend, Backend) else select(backend)
+    if timeout is not None:
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        os.environ[TIMEOUT_ENV] = str(float(timeout))
+    be.init_distributed()
+    return layout()
+
+
+def init_process_group(backend: str) -> None:
+    """Join the torch process group torchrun set up; a no-op outside torchrun or when joined.
+    Accelerators bind this process to its local device first (nccl and neuron need it)."""
     import torch.distributed as dist
 
     if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
         return
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    seconds = timeout_s()
+    if backend == "nccl":
+        # Without asynchronous error handling a dead peer leaves NCCL collectives waiting
+        # forever; with it the watchdog aborts them at the timeout.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+    except Exception as exc:  # noqa: BLE001 - rendezvous failures come as many types
+        raise DistributedError(
+            f"rank {rank()}/{world_size()}: could not join the {backend} process group at {_master() or '?'} "
+            f"within {seconds:g} s: {first_line(exc)}"
+        ) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def peer_failure(exc: BaseException, what: str) -> DistributedError:
+    """The error a surviving rank raises when a collective fails or times out."""
+    # gloo prefixes its messages with a source location and appends advice; the reason is between.
+    reason = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    reason = reason.split(". ")[0].rstrip(".") or type(exc).__name__
+    lay = layout()
+    return DistributedError(
+        f"rank {lay.rank}/{lay.world_size}: {what}: a collective failed ({reason}); another rank probably died or "
+        f"hung (timeout {timeout_s():g} s, set by {TIMEOUT_ENV}); see that rank's log"
+    )
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of torch.distributed (a peer lost, a timeout), not user code."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "ProcessGroup", "[gloo]", "gloo/transport", "NCCL")
+    )
+
+
+def barrier() -> None:
+    """Wait for every process (no-op alone)."""
+    dist = _torch_group()
+    if dist is not None:
+        dist.barrier()
+        return
+    jax = _jax_multiprocess()
+    if jax is not None and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("anychip")
+
+
+def main_outcome(error: str | None) -> str | None:
+    """Rank 0's outcome (None: success, else its error message), on every process: a step only
+    rank 0 performs (writing a checkpoint) succeeds or fails everywhere at once."""
+    dist = _torch_group()
+    if dist is not None and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    jax = _jax_multiprocess()
+    if jax is not None and jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        failed = bool(multihost_utils.broadcast_one_to_all(np.asarray(error is not None)))
+        return (error or "process 0 failed; see its log") if failed else None
+    return error

@@ -57,6 +57,7 @@ class StepSpec:
     parallel: str | None = None
     strict_shapes: bool = False
     kernels: str = "auto"
+    split_batches: bool = True
 
 
 class StepOutput:
@@ -113,15 +114,24 @@ def batch_leaves(batch, path: str = "batch") -> list[tuple[str, Any]]:
     )
 
 
-def check_batch(batch, accumulate: int) -> list[tuple[str, Any]]:
+def check_batch(batch, accumulate: int, processes: int = 1) -> list[tuple[str, Any]]:
+    """The batch's leaves, once every leaf splits into ``processes`` x ``accumulate`` equal parts
+    (``processes`` > 1: a global batch that each rank takes its slice of)."""
     leaves = batch_leaves(batch)
     if not leaves:
         raise TypeError("the batch holds no tensor; pass a tensor or a tuple/list/dict of tensors")
-    if accumulate > 1:
+    parts = accumulate * processes
+    if parts > 1:
         for path, t in leaves:
-            if t.ndim == 0 or t.shape[0] % accumulate:
+            if t.ndim == 0 or t.shape[0] % parts:
+                size = tuple(t.shape)[:1] or "()"
+                if processes > 1:
+                    raise ValueError(
+                        f"{path} has leading size {size}, which {processes} processes x accumulate={accumulate} cannot "
+                        f"split into equal parts; use a global batch size divisible by {parts} (world size x accumulate)"
+                    )
                 raise ValueError(
-                    f"{path} has leading size {tuple(t.shape)[:1] or '()'}, which accumulate={accumulate} "
+                    f"{path} has leading size {size}, which accumulate={accumulate} "
                     f"cannot split into equal micro-batches; use a batch size divisible by {accumulate}"
                 )
     return leaves
@@ -193,16 +203,14 @@ class TorchEngine:
         import torch
 
         self.backend, self.spec = backend, spec
+        self.world, self.rank = 1, 0
         if spec.parallel is not None:
-            # Refused rather than ignored: a silently unsharded run would look like a slow one.
-            raise NotImplementedError(
-                f"parallel={spec.parallel!r} is not supported on the torch backend {backend.name!r} yet; "
-                "the jax backends support it, or wrap the model in torch DDP/FSDP yourself"
-            )
+            self._join(backend, spec.parallel)
         model = spec.model
         if spec.policy.param_dtype != "fp32":
             model = model.to(spec.policy.torch_dtype("param"))
         self.model = backend.place(model)
+        self._net = self._wrap(self.model) if spec.parallel is not None else self.model  # what loss_fn gets
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -211,8 +219,9 @@ class TorchEngine:
         # With a fused optimizer the non-finite check needs no device sync: the kernels skip
         # the update on the device (the GradScaler mechanism, optimizer.found_inf) and the
         # flag is read one step later, when it has long been computed. A sync per step here
-        # cost 4% of a GPT-2-small step on an H100 (benchmarks/RESULTS.md).
-        self._deferred = fused and spec.on_nonfinite == "raise"
+        # cost 4% of a GPT-2-small step on an H100 (benchmarks/RESULTS.md). Not under FSDP:
+        # its parameters are DTensors, which a plain found_inf tensor cannot be mixed with.
+        self._deferred = fused and spec.on_nonfinite == "raise" and spec.parallel != "fsdp"
         self._pending = None  # (host flag, event, step, loss, norm) of the last deferred check
         compile_ = backend.compile_by_default if spec.compile is None else spec.compile
         self._forward = backend.compile(self._loss) if compile_ else self._loss
@@ -235,8 +244,75 @@ class TorchEngine:
         else:
             self._kernel_scope = functools.partial(kernel_defaults, backend=kernel_backend, kernels=spec.kernels)
 
+    # -- several processes (torchrun) -------------------------------------------------------------
+    def _join(self, backend, parallel: str) -> None:
+        """Check the launch and join the process group, before the model is touched."""
+        import torch.distributed as dist
+
+        from anychip import distributed
+
+        distributed.require_launch(parallel)
+        if parallel == "fsdp" and backend.lazy_tensors:
+            raise distributed.DistributedError(
+                f"parallel='fsdp' is not supported on {backend.name!r} (lazy tensors: FSDP2 needs eager DTensors); use parallel='ddp'"
+            )
+        backend.init_distributed()
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.step = self._parallel_step  # the single-process path keeps its plain method
+
+    def _wrap(self, model):
+        """DDP around the model, or FSDP2 (``fully_shard``) applied to it in place.
+
+        FSDP shards every element of every ``nn.ModuleList`` (the transformer blocks: one
+        all-gather per block, so only one block is unsharded at a time), then the root. It is
+        first given rank 0's weights, as DDP's constructor does: ranks that built the model from
+        different seeds still train one model."""
+        import torch
+        import torch.distributed as dist
+
+        if self.spec.parallel == "ddp":
+            device = [torch.accelerator.current_device_index()] if self.backend.device_type != "cpu" else None
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=device)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+        mesh = init_device_mesh(self.backend.device_type, (self.world,))
+        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+            for block in blocks:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def _grad_sync(self, last: bool):
+        """Gradient accumulation: reduce across ranks after the last micro-batch only."""
+        if self.spec.parallel == "ddp" and not last:
+            return self._net.no_sync()
+        if self.spec.parallel == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _parallel_step(self, batch, tokens: int) -> StepOutput:
+        """``step`` under torchrun: this rank's slice of the global batch (``split_batches``), and
+        a collective that fails (a peer died or hung past the timeout) as one clear error."""
+        from anychip import distributed
+
+        if self.spec.split_batches:
+            batch = split_batch(batch, self.world)[self.rank]
+        else:
+            tokens *= self.world  # every rank passed its own part: the global batch is their union
+        try:
+            return TorchEngine.step(self, batch, tokens)
+        except Exception as exc:
+            if distributed.is_collective_failure(exc):
+                raise distributed.peer_failure(exc, f"step {self.updates + 1}") from exc
+            raise
+
     def _loss(self, batch):
-        return call_loss(self.spec.loss_fn, self.model, batch)
+        return call_loss(self.spec.loss_fn, self._net, batch)
 
     def step(self, batch, tokens: int) -> StepOutput:
         import torch
@@ -247,15 +323,25 @@ class TorchEngine:
         # anychip.nn layers pick their kernels for this backend (not a process-wide setting:
         # two steps on two backends in one process must not see each other's choice).
         with self._kernel_scope():
-            for mb in micro:
-                with self._autocast():
-                    loss = self._forward(mb)
-                check_loss(loss)
-                (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
+            for i, mb in enumerate(micro):
+                with self._grad_sync(i == len(micro) - 1) if spec.parallel else contextlib.nullcontext():
+                    with self._autocast():
+                        loss = self._forward(mb)
+                    check_loss(loss)
+                    (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
                 total = loss.detach() if total is None else total + loss.detach()
         loss = (total / spec.accumulate if spec.accumulate > 1 else total).float()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        if spec.parallel is not None:
+            import torch.distributed as dist
+
+            # The loss of the global batch: the mean of the ranks' (equal-sized) slices. Gloo
+            # has no AVG, hence SUM / world. Every rank then takes the same non-finite decision.
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss = loss / self.world
+            if hasattr(norm, "full_tensor"):  # FSDP: per-shard norms, combined across ranks
+                norm = norm.full_tensor()
         if spec.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, spec.max_grad_norm, norm)
         self.raise_pending_nonfinite()
@@ -360,27 +446,34 @@ class TorchEngine:
 
     # Backend-neutral state: parameters by name, optimizer slots by slot name then parameter
     # name; the same layout the JAX engine and checkpoints use.
+    # FSDP's sharded tensors (DTensors) are gathered whole on every rank (a collective: every
+    # rank calls state_dict()), so a sharded run saves the same portable layout.
     def state_dict(self) -> dict:
         self.raise_pending_nonfinite()
         opt_state = self.optimizer.state
         slots = {
-            slot: {n: opt_state[p][slot].detach().cpu() for n, p in zip(self.param_names, self.params) if slot in opt_state.get(p, {})}
+            slot: {n: _whole(opt_state[p][slot]) for n, p in zip(self.param_names, self.params) if slot in opt_state.get(p, {})}
             for slot in self.spec.optimizer.slots
         }
         return {
             "step": self.updates,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": {k: _whole(v) for k, v in self.model.state_dict().items()},
             "optimizer": {"slots": slots},
         }
 
     def load_state_dict(self, state: dict) -> None:
         import torch
 
-        self.model.load_state_dict(state["model"])
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: _shaped_like(v, current.get(k)) for k, v in state["model"].items()})
         n = int(state["step"])
         per_param = {}
         for i, name in enumerate(self.param_names):
-            entry = {slot: state["optimizer"]["slots"][slot][name] for slot in self.spec.optimizer.slots if name in state["optimizer"]["slots"].get(slot, {})}
+            entry = {
+                slot: _shaped_like(state["optimizer"]["slots"][slot][name], self.params[i])
+                for slot in self.spec.optimizer.slots
+                if name in state["optimizer"]["slots"].get(slot, {})
+            }
             if entry:
                 if "exp_avg" in entry:  # Adam-style state counts its own steps
                     entry["step"] = torch.tensor(float(n))
@@ -389,6 +482,21 @@ class TorchEngine:
         self.optimizer.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
         self.updates = n
         self._pending = None
+
+
+def _whole(t):
+    """A CPU copy of ``t``; a sharded DTensor is all-gathered first."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+
+def _shaped_like(value, target):
+    """``value`` (a whole CPU tensor) laid out as ``target``: this rank's shard of it when the
+    target is a DTensor. Every rank holds the whole value, so nothing is communicated."""
+    if target is None or not hasattr(target, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
 
 
 # -- the public class --------------------------------------------------------------------------
@@ -416,6 +524,7 @@ class TrainStep:
         parallel: str | None = None,
         strict_shapes: bool = False,
         kernels: str = "auto",
+        split_batches: bool = True,
     ):
         import torch
 
@@ -443,16 +552,22 @@ class TrainStep:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+        if not isinstance(split_batches, bool):
+            raise TypeError(f"split_batches must be True or False, got {split_batches!r}")
         if kernels not in ("auto", "reference"):
             raise ValueError(f"kernels must be 'auto' or 'reference', got {kernels!r}")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         self.backend = backend if isinstance(backend, Backend) else select(backend)
         self.spec = StepSpec(
-            model, loss_fn, optimizer, pol, max_grad_norm, accumulate, compile, on_nonfinite, parallel, strict_shapes, kernels
+            model, loss_fn, optimizer, pol, max_grad_norm, accumulate, compile, on_nonfinite, parallel, strict_shapes, kernels,
+            split_batches,
         )
         self.engine = self.backend.make_engine(self.spec)
         self._shapes = ShapeWatch(strict_shapes, self.backend.name)
+        # Under torchrun with split_batches, each call gets the global batch: it must split
+        # into world size x accumulate equal parts (the jax engine checks its own mesh).
+        self._processes = getattr(self.engine, "world", 1) if split_batches else 1
 
     @property
     def model(self):
@@ -464,7 +579,7 @@ class TrainStep:
         return self.engine.updates
 
     def __call__(self, batch) -> StepOutput:
-        leaves = check_batch(batch, self.spec.accumulate)
+        leaves = check_batch(batch, self.spec.accumulate, self._processes)
         self._shapes.check(leaves)
         return self.engine.step(batch, count_tokens(leaves))
 

@@ -353,7 +353,13 @@ def test_deferred_nonfinite_check_with_a_fused_optimizer():
     assert step(w.batch(3, 8)).step == 2  # training goes on from the last good state
 
 
-def test_parallel_on_a_torch_backend_is_refused_not_ignored():
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_parallel_outside_torchrun_names_the_launch_command(monkeypatch, mode):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
     w = workloads.get("mlp")
-    with pytest.raises(NotImplementedError, match="parallel='ddp' is not supported on the torch backend 'cpu'"):
-        ac.TrainStep(w.build(), w.loss_fn, backend="cpu", parallel="ddp")
+    model = w.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ac.DistributedError, match=rf"parallel='{mode}' needs one process per device started by torchrun.*launch with: torchrun --nproc-per-node=N "):
+        ac.TrainStep(model, w.loss_fn, backend="cpu", parallel=mode)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any work

@@ -13,6 +13,7 @@ torch is imported inside methods: importing this module must stay cheap for ``an
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import sys
 from anychip.backends import Availability
@@ -182,7 +183,13 @@ class NativeTorchBackend(Backend):
             torch.accelerator.reset_peak_memory_stats()
 
     def init_distributed(self) -> None:
-        from anychip.distributed import init_process_group
+        """Join torchrun's process group; an accelerator first binds this process to its
+        LOCAL_RANK device (one device per rank; nccl and neuron need it set)."""
+        from anychip.distributed import init_process_group, local_rank
 
+        if self.device_type != "cpu" and "WORLD_SIZE" in os.environ:
+            import torch
+
+            torch.accelerator.set_device_index(local_rank())
         init_process_group(self.dist_backend)
 
