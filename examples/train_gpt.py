@@ -4,6 +4,10 @@ they choose the backend and build the step. Run it anywhere:
     python examples/train_gpt.py                    # auto-detect (cuda > tpu > neuron > cpu)
     ANYCHIP_BACKEND=jax:cpu python examples/train_gpt.py
     python examples/train_gpt.py --backend cuda --preset small --precision bf16 --steps 200
+    torchrun --nproc-per-node 2 examples/train_gpt.py --backend cpu --parallel ddp   # or fsdp
+
+Under torchrun every rank draws the same global batch (same seed) and TrainStep trains each
+rank on its slice of it, so the printed losses are those of the single-process run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--parallel", default=None, choices=["ddp", "fsdp"], help="under torchrun")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -45,6 +50,7 @@ def main() -> None:
         backend=backend,
         precision=args.precision,
         max_grad_norm=1.0,
+        parallel=args.parallel,  # anychip: the global batch is split over the ranks
     )
 
     for i in range(args.steps):
@@ -52,7 +58,7 @@ def main() -> None:
         start = torch.randint(0, vocab, (args.batch, 1))
         tokens = (start + torch.arange(args.seq + 1)) % vocab
         out = step((tokens[:, :-1], tokens[:, 1:]))
-        if i % 20 == 0 or i == args.steps - 1:
+        if (i % 20 == 0 or i == args.steps - 1) and ac.is_main_process():  # anychip
             print(f"step {out.step:4d}  loss {out.loss:.4f}  lr {out.lr:.2e}  on {backend.name}")
 
 
