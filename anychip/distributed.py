@@ -137,6 +137,11 @@ def launch_hint(script: str | None = None) -> str:
     return f"torchrun --nproc-per-node=N {script}"
 
 
+def launched_world_size() -> int | None:
+    """The world size torchrun announced (WORLD_SIZE), or None outside torchrun."""
+    return _env_int("WORLD_SIZE", 1) if "WORLD_SIZE" in os.environ else None
+
+
 def require_launch(parallel: str) -> None:
     """Refuse ``parallel=`` on a torch backend in a process torchrun did not start."""
     if _torch_group() is None and "WORLD_SIZE" not in os.environ:

@@ -258,6 +258,15 @@ class TorchEngine:
             )
         backend.init_distributed()
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        launched = distributed.launched_world_size()
+        if launched is not None and launched != self.world:
+            # torch_xla's "xla://" takes rank and world size from the PJRT runtime, which on
+            # some devices (PJRT_DEVICE=CPU) ignores torchrun: every process would train alone.
+            raise distributed.DistributedError(
+                f"torchrun started {launched} processes but the {backend.name!r} process group has world size "
+                f"{self.world}; the {backend.name} runtime here cannot join processes (on torch_xla: a PJRT device "
+                "with multi-process support is needed, not PJRT_DEVICE=CPU)"
+            )
         self.step = self._parallel_step  # the single-process path keeps its plain method
 
     def _wrap(self, model):
@@ -271,7 +280,9 @@ class TorchEngine:
         import torch.distributed as dist
 
         if self.spec.parallel == "ddp":
-            device = [torch.accelerator.current_device_index()] if self.backend.device_type != "cpu" else None
+            # One device per rank (cuda, neuron); CPU and lazy XLA tensors take no device_ids.
+            eager_device = self.backend.device_type != "cpu" and not self.backend.lazy_tensors
+            device = [torch.accelerator.current_device_index()] if eager_device else None
             return torch.nn.parallel.DistributedDataParallel(model, device_ids=device)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
