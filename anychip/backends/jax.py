@@ -17,8 +17,14 @@ gradient all-reduce), or with ``parallel="fsdp"`` parameters and optimizer state
 along their largest dimension divisible by the device count (XLA all-gathers them for the
 forward and sums the gradients into shards: a reduce-scatter on GPU/TPU, all-reduce + slice on
 XLA:CPU). Either way ``loss_fn`` sees the global batch, so losses equal a single-device run.
-Multi-host runs join through ``jax.distributed.initialize()`` when ``JAX_COORDINATOR_ADDRESS``
-is set.
+
+Several processes (hosts): ``jax.distributed.initialize()`` when ``JAX_COORDINATOR_ADDRESS`` is
+set, before JAX first looks at its devices; the mesh then spans every process's devices. As
+under torchrun, ``step(batch)`` gets the global batch on every process and each process places
+only the rows its devices own (``split_batches=True``), or each process passes its own part and
+the global batch is their union (``split_batches=False``). Process 0's initial weights are
+broadcast, as DDP and FSDP do; reading values back (losses, ``model``, ``state_dict()``) works
+on every process, and gathering sharded (FSDP) arrays is a collective every process must join.
 
 Op overrides live in this backend's own torchax environment (no global mutation):
 ``F.scaled_dot_product_attention``, which torchax lowers to a materialised reference, goes to
@@ -38,6 +44,8 @@ import logging
 import math
 import os
 import re
+import socket
+import time
 
 from anychip.backends import Availability
 from anychip.backends import probe as facts
@@ -220,13 +228,27 @@ def _to_torch(arr):
     import torch
 
     if not arr.is_fully_addressable:
-        from jax.experimental import multihost_utils
+        if arr.sharding.is_fully_replicated:
+            arr = arr.addressable_data(0)  # every process holds it whole: no collective
+        else:
+            from jax.experimental import multihost_utils
 
-        arr = multihost_utils.process_allgather(arr, tiled=True)
+            arr = multihost_utils.process_allgather(arr, tiled=True)
     a = np.asarray(arr)
     if a.dtype == jnp.bfloat16:
         return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
     return torch.from_numpy(np.array(a))
+
+
+def _global_array(a, sharding):
+    """Host data ``a``, the same on every process, placed on ``sharding``. Across processes each
+    copies only the pieces its own devices hold: ``jax.device_put`` would first all-gather ``a``
+    to check that it is equal everywhere, a collective and a compile per shape."""
+    import jax
+
+    if sharding.is_fully_addressable:
+        return jax.device_put(a, sharding)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 def _matmul_precision() -> str:
@@ -366,6 +388,7 @@ class JaxBackend(Backend):
         self._shardings = {}
         self._pending = None  # the last step's outputs, for synchronize()
         self._warned_replicated = False
+        self._processes = None
 
     @property
     def devices(self) -> list:
@@ -381,6 +404,13 @@ class JaxBackend(Backend):
         import jax
 
         return [d for d in self.devices if d.process_index == jax.process_index()]
+
+    @property
+    def processes(self) -> int:
+        """How many processes own devices of the mesh (more than 1 under ``jax.distributed``)."""
+        if self._processes is None:
+            self._processes = len({d.process_index for d in self.devices})
+        return self._processes
 
     @property
     def device_count(self) -> int:
@@ -418,23 +448,27 @@ class JaxBackend(Backend):
     # -- placement -----------------------------------------------------------------------------
     def place(self, model):
         """The model's parameters and buffers, by name, as JAX arrays replicated on the mesh."""
-        import jax
-
         state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        return {k: jax.device_put(_host_array(v), self.sharding()) for k, v in state.items()}
+        return {k: _global_array(_host_array(v), self.sharding()) for k, v in state.items()}
 
-    def place_batch(self, batch, accumulate: int = 1, *, strict: bool = False):
+    def place_batch(self, batch, accumulate: int = 1, *, strict: bool = False, split_batches: bool = True):
         """The batch as JAX arrays split along dim 0 over the mesh (data parallel).
 
         With ``accumulate > 1`` every leaf becomes ``[accumulate, B / accumulate, ...]`` (micro-batch
         ``i`` is torch's ``chunk(accumulate)[i]``) split along dim 1, so each micro-batch is spread
         over all devices. A batch that does not split evenly is replicated with a warning, or
-        refused when ``strict`` (``parallel="ddp"``/``"fsdp"`` asked for explicitly).
+        refused when ``strict`` (``parallel="ddp"``/``"fsdp"`` asked for explicitly) or when the
+        mesh spans several processes.
+
+        Several processes: with ``split_batches`` every process passes the same global batch and
+        places only the rows its devices own; without it each passes its own part, and global
+        micro-batch ``i`` is the union of the processes' micro-batches ``i`` (as under torchrun).
         """
         import jax
         from jax.sharding import PartitionSpec as P
 
-        local = len(self.local_devices)
+        parts = self.processes > 1 and not split_batches
+        devices = len(self.local_devices) if parts else self.device_count
         dim = 1 if accumulate > 1 else 0
 
         def put(t):
@@ -442,25 +476,31 @@ class JaxBackend(Backend):
             if accumulate > 1:
                 a = a.reshape(accumulate, a.shape[0] // accumulate, *a.shape[1:])
             if a.ndim <= dim:
-                return jax.device_put(a, self.sharding())
-            if a.shape[dim] % local:
-                if strict or jax.process_count() > 1:
+                return _global_array(a, self.sharding())
+            if a.shape[dim] % devices:
+                if parts:
                     raise ValueError(
-                        f"a (micro-)batch of {a.shape[dim]} samples does not split over {local} devices; use a batch "
-                        f"size divisible by {local * accumulate} (devices x accumulate)"
+                        f"this process's (micro-)batch of {a.shape[dim]} samples does not split over its {devices} devices; "
+                        f"with split_batches=False use a per-process batch size divisible by {devices * accumulate} "
+                        "(local devices x accumulate)"
+                    )
+                if strict or self.processes > 1:
+                    where = f" of {self.processes} processes" if self.processes > 1 else ""
+                    raise ValueError(
+                        f"a (micro-)batch of {a.shape[dim]} samples does not split over {devices} devices{where}; use a "
+                        f"{'global ' * (self.processes > 1)}batch size divisible by {devices * accumulate} (devices x accumulate)"
                     )
                 if not self._warned_replicated:
                     log.warning(
                         "anychip: %s: a (micro-)batch of %d does not split over %d devices; every device computes the "
-                        "whole batch (use a multiple of %d for data parallelism)", self.name, a.shape[dim], local, local,
+                        "whole batch (use a multiple of %d for data parallelism)", self.name, a.shape[dim], devices, devices,
                     )
                     self._warned_replicated = True
                 return jax.device_put(a, self.sharding())
             sharding = self.sharding(P(*([None] * dim), DATA_AXIS))
-            if jax.process_count() > 1:
-                # Every process feeds its own rows, as under torchrun; the global batch is their union.
+            if parts:
                 return jax.make_array_from_process_local_data(sharding, a)
-            return jax.device_put(a, sharding)
+            return _global_array(a, sharding)
 
         return map_tensors(put, batch)
 
@@ -493,17 +533,58 @@ class JaxBackend(Backend):
 
     def init_distributed(self) -> None:
         """``jax.distributed.initialize()`` when ``JAX_COORDINATOR_ADDRESS`` is set (plus
-        ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` where no cluster manager provides them)."""
+        ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` where no cluster manager provides them),
+        waiting at most ``ANYCHIP_DIST_TIMEOUT`` seconds for the other processes."""
         import jax
 
-        if not os.environ.get("JAX_COORDINATOR_ADDRESS") or jax.distributed.is_initialized():
+        from anychip import distributed
+
+        address = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip()
+        if not address or jax.distributed.is_initialized():
             return
-        kwargs = {}
-        if "JAX_NUM_PROCESSES" in os.environ:
-            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-        if "JAX_PROCESS_ID" in os.environ:
-            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-        jax.distributed.initialize(**kwargs)
+        seconds = distributed.timeout_s()
+        deadline = time.monotonic() + seconds
+        kwargs = {"coordinator_address": address}
+        for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+            value = os.environ.get(var, "").strip()
+            if value:
+                if not value.isdigit():
+                    raise distributed.DistributedError(f"{var}={value!r} must be a non-negative integer; fix the launcher")
+                kwargs[arg] = int(value)
+        if kwargs.get("process_id", 0) > 0:  # process 0 starts the coordinator itself
+            _wait_for_coordinator(address, deadline)
+        kwargs["initialization_timeout"] = max(1, math.ceil(deadline - time.monotonic()))
+        try:
+            jax.distributed.initialize(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - connection failures come as several types
+            given = ", ".join(f"{var}={os.environ.get(var, '(unset)')}" for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+            raise distributed.DistributedError(
+                f"jax.distributed.initialize() could not join the run at JAX_COORDINATOR_ADDRESS={address} ({given}) "
+                f"within {seconds:g} s ({distributed.TIMEOUT_ENV}): {distributed.first_line(exc)}"
+            ) from exc
+
+
+def _wait_for_coordinator(address: str, deadline: float) -> None:
+    """Wait until the coordinator (``host:port``) accepts connections. XLA's client aborts the
+    whole process (LOG(FATAL), which Python cannot catch) when the coordinator stays out of
+    reach past the timeout; an unreachable one is reported here instead."""
+    from anychip import distributed
+
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        raise distributed.DistributedError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port")
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(1.0, left))):
+                return
+        except OSError as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                raise distributed.DistributedError(
+                    f"no JAX coordinator reachable at JAX_COORDINATOR_ADDRESS={address} within {distributed.timeout_s():g} s "
+                    f"({distributed.TIMEOUT_ENV}): {distributed.first_line(exc)}; is process 0 (JAX_PROCESS_ID=0) running?"
+                ) from exc
+            time.sleep(0.2)
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -531,6 +612,9 @@ class JaxEngine:
         from anychip.step import call_loss
 
         self.backend, self.spec = backend, spec
+        # Joins jax.distributed if launched so: before anything below (torchax's environment
+        # makes a PRNG key) starts JAX, after which initialize() is refused.
+        n = len(backend.devices)
         model = spec.model
         if spec.policy.param_dtype != "fp32":
             model = model.to(spec.policy.torch_dtype("param"))  # as TorchEngine: stored in bf16
@@ -555,31 +639,43 @@ class JaxEngine:
         self.kernels_used: set[str] = set()  # e.g. {"attention:cudnn"}, filled when the step is traced
         self.env = _environment(backend.platform, spec.kernels, self.kernels_used)
         self.optimizer = spec.optimizer.to_optax()
-        n = len(backend.devices)
         self._param_sharding = {
             name: backend.sharding(_fsdp_spec(p.shape, n) if spec.parallel == "fsdp" else None)
             for name, p in self._trainable.items()
         }
-        self._place_state()
-        self._key = jax.device_put(jax.random.key(torch.initial_seed() % (1 << 63)), backend.sharding())
-        self.opt_state = self._init_optimizer()
         replicated = backend.sharding()
+        params, buffers = self._host_state()
+        key = np.asarray(jax.random.key_data(jax.random.key(torch.initial_seed() % (1 << 63))))
+        if backend.processes > 1:
+            # Process 0's weights and PRNG key everywhere, as DDP and FSDP do under torchrun:
+            # processes that built the model differently still train one model.
+            from jax.experimental import multihost_utils
+
+            params, buffers, key = multihost_utils.broadcast_one_to_all((params, buffers, key))
+        self._place_state(params, buffers)
+        self._key = jax.jit(jax.random.wrap_key_data, out_shardings=replicated)(_global_array(key, replicated))
+        self.opt_state = self._init_optimizer()
         out_shardings = (self._param_sharding, replicated, self._opt_sharding, replicated, replicated, replicated, replicated)
         # CPU supports donation too; the old state buffers are reused for the new state.
         self._jitted = jax.jit(self._step, donate_argnums=(0, 1, 2, 3), out_shardings=out_shardings)
         self._run = self._jitted if spec.compile is not False else self._step  # compile=False: eager, for debugging
-        self._true = jax.device_put(np.asarray(True), replicated)
+        self._true = _global_array(np.asarray(True), replicated)
         self._pending = None  # (flag, step, loss, grad norm) of a step whose check is deferred
         self.updates = 0
         self.compiles = 0  # traced-and-compiled step programs (one per input signature)
-        self._stale = False  # the torch module lags behind the JAX parameters
+        # The torch module lags behind the JAX parameters; across processes it may hold this
+        # process's initial weights instead of process 0's.
+        self._stale = backend.processes > 1
 
     # -- state ---------------------------------------------------------------------------------
-    def _place_state(self) -> None:
-        import jax
+    def _host_state(self) -> tuple[dict, dict]:
+        """The torch module's trainable parameters and constants as host arrays, by name."""
+        params = {n: _host_array(p) for n, p in self._trainable.items()}
+        return params, {n: _host_array(b) for n, b in self._constants.items()}
 
-        self.params = {n: jax.device_put(_host_array(p), self._param_sharding[n]) for n, p in self._trainable.items()}
-        self.buffers = {n: jax.device_put(_host_array(b), self.backend.sharding()) for n, b in self._constants.items()}
+    def _place_state(self, params: dict, buffers: dict) -> None:
+        self.params = {n: _global_array(a, self._param_sharding[n]) for n, a in params.items()}
+        self.buffers = {n: _global_array(a, self.backend.sharding()) for n, a in buffers.items()}
 
     def _init_optimizer(self):
         import jax
@@ -712,7 +808,9 @@ class JaxEngine:
         from anychip.step import StepOutput
 
         spec = self.spec
-        placed = self.backend.place_batch(batch, spec.accumulate, strict=spec.parallel is not None)
+        placed = self.backend.place_batch(batch, spec.accumulate, strict=spec.parallel is not None, split_batches=spec.split_batches)
+        if not spec.split_batches:
+            tokens *= self.backend.processes  # each process passed its own part of the global batch
         lr = spec.optimizer.lr_at(self.updates)
         pending, self._pending = self._pending, None
         out = self._call(placed, pending[0] if pending is not None else self._true)
@@ -748,7 +846,8 @@ class JaxEngine:
 
     def lower(self, batch):
         """The jitted step lowered for ``batch`` (``.compile().as_text()`` is the HLO)."""
-        placed = self.backend.place_batch(batch, self.spec.accumulate, strict=self.spec.parallel is not None)
+        spec = self.spec
+        placed = self.backend.place_batch(batch, spec.accumulate, strict=spec.parallel is not None, split_batches=spec.split_batches)
         compiles = self.compiles
         try:
             with self._tracing():
@@ -759,7 +858,9 @@ class JaxEngine:
     @property
     def model(self):
         """The torch module with the current weights, copied back from the devices on access.
-        The step trains the JAX copy: edit weights through ``load_state_dict``, not the module."""
+        The step trains the JAX copy: edit weights through ``load_state_dict``, not the module.
+        With sharded (FSDP) parameters over several processes, every process must read it
+        (the shards are gathered collectively)."""
         import torch
 
         self.raise_pending_nonfinite()
@@ -787,13 +888,14 @@ class JaxEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        import jax
+        """Every process passes the same whole state (as read from a checkpoint); each places the
+        pieces its devices hold, so loading communicates nothing."""
         import numpy as np
 
         self._pending = None  # whatever the last step did is replaced
         self._template.load_state_dict(state["model"])  # torch checks names and shapes
         self._stale = False
-        self._place_state()
+        self._place_state(*self._host_state())
         n = int(state["step"])
         fresh = self._init_optimizer()
         given = state["optimizer"]["slots"]
@@ -803,9 +905,9 @@ class JaxEngine:
             for name, value in given.get(slot, {}).items():
                 if name not in tree:
                     raise KeyError(f"optimizer slot {slot!r} names {name!r}, which is not a trainable parameter of this model")
-                tree[name] = jax.device_put(_host_array(value).astype(tree[name].dtype), self._param_sharding[name])
+                tree[name] = _global_array(_host_array(value).astype(tree[name].dtype), self._param_sharding[name])
             fields[slot] = tree
-        count = jax.device_put(np.asarray(n, np.int32), self.backend.sharding())
+        count = _global_array(np.asarray(n, np.int32), self.backend.sharding())
         self.opt_state = fresh._replace(count=count, **fields)
         self.updates = n
 
