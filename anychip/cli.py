@@ -45,12 +45,26 @@ class Parser(argparse.ArgumentParser):
 # -- devices ---------------------------------------------------------------------------------------
 
 
+def launch_layout() -> tuple[str, dict]:
+    """This process's place in a multi-process run, as a line and as data: "single process",
+    or torchrun's / jax.distributed's world size and ranks, read from the launcher's
+    environment (anychip.distributed.layout(); imports neither torch nor jax)."""
+    from anychip.distributed import DistributedError, layout
+
+    try:
+        lay = layout()
+    except DistributedError as exc:  # a launcher variable that is not a number: say so, do not crash
+        return f"cannot tell: {exc}", {"error": str(exc)}
+    return lay.describe(), lay.as_dict()
+
+
 def cmd_devices(args) -> int:
     from anychip.backends import backends
 
     found = backends()
+    line, layout = launch_layout()
     if args.json:
-        print(json.dumps([a.as_dict() for a in found], indent=2))
+        print(json.dumps({"layout": layout, "backends": [a.as_dict() for a in found]}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -62,7 +76,9 @@ def cmd_devices(args) -> int:
         why = a.reason + (f" - install: {a.install}" if a.install and not a.available else "")
         versions = " ".join(f"{k} {v}" for k, v in a.versions.items())
         table.add_row(a.name, "[green]yes[/]" if a.available else "[red]no[/]", str(a.devices or ""), a.device_kind, versions, why)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(f"launch: {line}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 
@@ -118,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="anychip", description="One PyTorch training step on any accelerator.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{devices,train,bench,parity}", parser_class=Parser)
 
-    p = sub.add_parser("devices", help="list every backend: available or not, why, and how to fix it")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("devices", help="list every backend: available or not, why, and how to fix it; and this process's launch layout")
+    p.add_argument("--json", action="store_true", help='machine-readable output: {"layout": {...}, "backends": [...]}')
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("train", help="train a built-in workload and show the loss")

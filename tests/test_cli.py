@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,14 +14,24 @@ from anychip.cli import main
 DESIGN_BACKENDS = {"cpu", "cuda", "neuron", "neuron-xla", "jax:tpu", "jax:gpu", "jax:cpu"}
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True, timeout=300)
+# What torchrun sets in every worker; none of it may leak in from the shell running the tests.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "JAX_COORDINATOR_ADDRESS",
+              "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def run(*args, env=None):
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    return subprocess.run([sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**base, **(env or {})})
 
 
 def test_devices_json_lists_every_backend_truthfully():
     out = run("devices", "--json")
     assert out.returncode == 0, out.stderr
-    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    doc = json.loads(out.stdout)
+    assert doc["layout"] == {"engine": None, "world_size": 1, "rank": 0, "local_rank": 0, "local_world_size": 1,
+                             "coordinator": None, "nodes": 1}
+    rows = {r["name"]: r for r in doc["backends"]}
     assert DESIGN_BACKENDS <= set(rows)
     assert rows["cpu"]["available"] is True
     for name, row in rows.items():
@@ -34,6 +45,54 @@ def test_devices_table_names_every_backend():
     assert out.returncode == 0, out.stderr
     for name in DESIGN_BACKENDS:
         assert name in out.stdout
+    assert out.stdout.rstrip().splitlines()[-1] == "launch: single process (no torchrun or jax.distributed launch detected)"
+
+
+# What torchrun --nnodes 2 --nproc-per-node 4 gives the second process of the second node.
+TORCHRUN_WORKER = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                   "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}
+
+
+def test_devices_shows_the_torchrun_layout():
+    out = run("devices", env=TORCHRUN_WORKER)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().splitlines()[-1] == (
+        "launch: torchrun: world size 8 (2 node(s) x 4), this is rank 5 (local rank 1), coordinator 10.0.0.7:29500"
+    )
+    out = run("devices", "--json", env=TORCHRUN_WORKER)
+    assert json.loads(out.stdout)["layout"] == {
+        "engine": "torchrun", "world_size": 8, "rank": 5, "local_rank": 1, "local_world_size": 4,
+        "coordinator": "10.0.0.7:29500", "nodes": 2,
+    }
+
+
+def test_devices_shows_the_jax_distributed_layout():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.7:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    out = run("devices", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    lay = json.loads(out.stdout)["layout"]
+    assert (lay["engine"], lay["world_size"], lay["rank"], lay["coordinator"]) == ("jax.distributed", 4, 3, "10.0.0.7:1234")
+
+
+def test_devices_with_a_broken_launcher_variable_still_lists_the_backends():
+    out = run("devices", env={"WORLD_SIZE": "eight"})
+    assert out.returncode == 0, out.stderr
+    assert "cpu" in out.stdout and "launch: cannot tell: environment variable WORLD_SIZE='eight' is not an integer" in " ".join(out.stdout.split())
+
+
+def test_devices_imports_no_heavy_module():
+    """`anychip devices` (the layout line included) probes and reads the environment; it never
+    imports torch, jax or an SDK, under a launcher or not."""
+    code = (
+        "import contextlib, io, json, sys; from anychip.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['devices']); main(['devices', '--json'])\n"
+        "heavy = {'torch', 'jax', 'jaxlib', 'torchax', 'torch_xla', 'torch_neuronx', 'triton', 'optax'}\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))"
+    )
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}, **TORCHRUN_WORKER}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == []
 
 
 def test_train_shows_falling_loss(capsys):

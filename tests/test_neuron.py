@@ -124,12 +124,14 @@ def test_backend_facts_with_fake_torch_neuronx(host, fake_torch_neuronx, monkeyp
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
     be.compile(lambda: None)
     assert seen == {"backend": "neuron", "fullgraph": True, "dynamic": False}
-    groups = []
+    groups, bound = [], []
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: groups.append(backend))
+    monkeypatch.setattr(torch.accelerator, "set_device_index", bound.append)
     be.init_distributed()
-    assert groups == ["neuron"]
+    assert groups == ["neuron"] and bound == [1]  # this rank's device first, then the group
 
 
 def test_device_string_in_a_fresh_process():

@@ -152,7 +152,7 @@ def test_devices_json_is_truthful_here():
     out = subprocess.run([sys.executable, "-m", "anychip.cli", "devices", "--json"], capture_output=True, text=True,
                          timeout=300, env=_here_without_pjrt())
     assert out.returncode == 0, out.stderr
-    row = next(r for r in json.loads(out.stdout) if r["name"] == "neuron-xla")
+    row = next(r for r in json.loads(out.stdout)["backends"] if r["name"] == "neuron-xla")
     installed = {d: facts.version(d) for d in ("torch", "torch-xla", "torch-neuronx")}
     assert row["versions"] == {d: v for d, v in installed.items() if v}
     if installed["torch-xla"] is None:

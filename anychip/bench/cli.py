@@ -16,6 +16,14 @@ laptop and a real comparison on an accelerator machine:
   the parity check), otherwise bf16 (fp32 master weights, what accelerators are measured at
   and what the MFU peaks in :mod:`anychip.bench.peaks` refer to). Every row uses the same
   precision, so the loss trajectories stay comparable.
+- ``--nproc 1``: one process per row, as a training script runs without a launcher.
+  ``--nproc 1,2,4`` runs every torch backend once per count; a count N > 1 launches the row
+  through torchrun (``python -m torch.distributed.run --standalone``) with
+  ``TrainStep(parallel=--parallel)``, ``ddp`` by default. Weak scaling: each process keeps
+  ``--batch``, so a step trains on N x batch samples, and tokens/s counts all of them. The N = 1
+  row is the plain single-process step (no launcher, ``parallel=None``): the baseline that
+  scaling efficiency (tokens/s at N / (N x tokens/s at 1)) divides by. ``jax:*`` rows run at
+  N = 1 only: JAX drives every local device from one process (its own data/fsdp sharding).
 """
 
 from __future__ import annotations
@@ -57,6 +65,25 @@ def _price(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _nproc(text: str) -> list[int]:
+    """``--nproc``: comma-separated process counts, each >= 1, none twice; ascending."""
+    counts = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise argparse.ArgumentTypeError(f"empty count in {text!r}; expected counts such as 1,2,4")
+        try:
+            n = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected whole numbers such as 1,2,4, got {part!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"process counts must be >= 1, got {n}")
+        if n in counts:
+            raise argparse.ArgumentTypeError(f"{n} is listed twice in {text!r}")
+        counts.append(n)
+    return sorted(counts)
+
+
 def _peak(text: str) -> tuple[str, float]:
     name, sep, value = text.rpartition("=")
     if sep and not name.strip():
@@ -95,7 +122,9 @@ def register(subparsers) -> None:
     p.add_argument("--md", metavar="PATH", help="write a Markdown table")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: tokens/s with MFU, and loss curves")
     p.add_argument("--price", type=_price, action="append", default=[], metavar="NAME=USD_PER_HOUR", help="USD per device-hour for a backend name or device kind (repeatable); overrides the dated table in anychip/bench/prices.py")
-    p.add_argument("--peak-tflops", type=_peak, action="append", default=[], metavar="[NAME=]X", help="peak TFLOP/s of the devices a row uses, for MFU: for every row, or NAME=X for one backend / device kind (repeatable)")
+    p.add_argument("--peak-tflops", type=_peak, action="append", default=[], metavar="[NAME=]X", help="peak TFLOP/s of the devices one process uses, for MFU: for every row, or NAME=X for one backend / device kind (repeatable); an --nproc N row on N distinct devices counts N times it")
+    p.add_argument("--nproc", type=_nproc, default=[1], metavar="N[,N...]", help="process counts to run every torch backend at (default 1: one plain process). N > 1 launches the row through torchrun with TrainStep(parallel=--parallel); weak scaling: each process keeps --batch, a step trains on N x batch samples. The table adds scaling efficiency = tokens/s at N / (N x tokens/s at 1). jax:* rows run at 1 only (JAX uses every local device in one process)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="how the --nproc N > 1 rows split the model: ddp (replicated, default) or fsdp (sharded)")
     p.add_argument("--print-schema", action="store_true", help="print the JSON schema of --json and exit")
     sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
     # add_subparsers builds with the parent's class: anychip.cli.Parser, whose errors are one line.
@@ -150,6 +179,37 @@ def plan_backends(selection: str) -> list[tuple[str, object]]:
     return planned
 
 
+# Backends that run in one process whatever --nproc says: JAX drives every local device from
+# one process (a jax.sharding.Mesh), and torchrun cannot launch it. The jax family is the
+# registry's documented "jax" alias (anychip.backends.ALIASES).
+def one_process_backends() -> frozenset[str]:
+    from anychip.backends import ALIASES
+
+    return frozenset(ALIASES["jax"])
+
+
+def plan_rows(planned: list[tuple[str, object]], nprocs: list[int], explicit: bool) -> tuple[list[tuple[str, object, int]], list[str]]:
+    """``(name, Availability, nproc)`` per row, each backend at each count in turn, and the
+    backends left at one process. A one-process backend named explicitly while --nproc has
+    no 1 is bad input; picked by auto/all it is left out with a note."""
+    single = one_process_backends()
+    rows, left = [], []
+    for name, avail in planned:
+        counts = nprocs
+        if name in single and nprocs != [1]:
+            counts = [n for n in nprocs if n == 1]
+            left.append(name)
+            if not counts and explicit:
+                raise UsageError(
+                    f"--nproc {','.join(map(str, nprocs))}: {name} runs in one process (JAX drives every local device "
+                    "itself; torchrun cannot launch it); add 1 to --nproc or leave it out of --backends"
+                )
+        rows += [(name, avail, n) for n in counts]
+    if not rows:
+        raise UsageError(f"--nproc {','.join(map(str, nprocs))}: none of the selected backends runs under torchrun; add 1 to --nproc")
+    return rows, left
+
+
 def _check_output(flag: str, path: str | None) -> None:
     if path is None:
         return
@@ -183,15 +243,27 @@ def cmd_bench(args) -> int:
 
     from anychip import workloads
     from anychip.bench import metrics, prices, report, runner
+    from anychip.distributed import DistributedError, world_size
     from anychip.precision import policy
 
     started_at = report.now_iso()
+    try:
+        launched = world_size() > 1  # WORLD_SIZE or JAX_NUM_PROCESSES > 1 in the environment
+    except DistributedError as exc:
+        raise UsageError(str(exc)) from None
+    if launched:
+        raise UsageError("anychip bench starts its own processes: run it once, without torchrun or jax.distributed (--nproc N launches torchrun per row)")
+    if args.parallel is not None and max(args.nproc) == 1:
+        raise UsageError(f"--parallel {args.parallel} applies to --nproc counts > 1 (e.g. --nproc 1,2)")
+    parallel = (args.parallel or "ddp") if max(args.nproc) > 1 else None
     runner.load_plugins()  # ValueError -> exit 2
     try:
         workload = workloads.get(args.workload)
     except (TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     planned = plan_backends(args.backends)
+    explicit = args.backends.strip().lower() not in ("auto", "all")
+    row_plan, one_process = plan_rows(planned, args.nproc, explicit)
     precision = policy(args.precision).name if args.precision is not None else _default_precision(planned)
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
         _check_output(flag, path)
@@ -220,9 +292,13 @@ def cmd_bench(args) -> int:
         "prices_as_of": prices.PRICES_AS_OF,
         "price_overrides": price_overrides,
         "peak_tflops": peak_tflops,
+        "nproc": list(args.nproc),
+        "parallel": parallel,
+        "one_process_backends": one_process,
     }
-    rows, interrupted = _run(args, planned, config, price_overrides, peak_tflops)
+    rows, interrupted = _run(args, row_plan, config, price_overrides, peak_tflops)
     metrics.add_parity(rows, tolerance)
+    metrics.add_scaling(rows)
     doc = report.document(command=_command(args, config), started_at=started_at, config=config, rows=rows, interrupted=interrupted)
     invalid = schema.validate(doc)
     if invalid:  # a bug in anychip, not in the input: still write what was measured
@@ -260,14 +336,17 @@ def _command(args, config) -> list[str]:
         cmd += ["--price", f"{name}={usd:g}"]
     for name, tflops in args.peak_tflops:
         cmd += ["--peak-tflops", f"{tflops:g}" if name == "*" else f"{name}={tflops:g}"]
+    cmd += ["--nproc", ",".join(map(str, config["nproc"]))]
+    if config["parallel"]:
+        cmd += ["--parallel", config["parallel"]]
     for flag in ("json", "csv", "md", "plot"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
     return cmd
 
 
-def _run(args, planned, config, price_overrides, peak_tflops) -> tuple[list[dict], bool]:
-    """Run every available backend in turn under a live progress display."""
+def _run(args, row_plan, config, price_overrides, peak_tflops) -> tuple[list[dict], bool]:
+    """Run every planned row (a backend at a process count) in turn under a live progress display."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -275,15 +354,16 @@ def _run(args, planned, config, price_overrides, peak_tflops) -> tuple[list[dict
 
     precision = config["precision"]
     rows = []
-    for name, avail in planned:
+    for name, avail, nproc in row_plan:
+        shape = {"world_size": nproc, "parallel": config["parallel"] if nproc > 1 else None}
         if avail.available:
-            rows.append(metrics.empty_row(name, "skipped", "not run", precision))
+            rows.append(metrics.empty_row(name, "skipped", "not run", precision, **shape))
         else:
             fix = f" (install: {avail.install})" if avail.install else ""
-            rows.append(metrics.empty_row(name, "unavailable", f"{avail.reason}{fix}", precision))
+            rows.append(metrics.empty_row(name, "unavailable", f"{avail.reason}{fix}", precision, **shape))
     total = args.warmup + args.steps
     columns = (
-        TextColumn("[bold]{task.fields[backend]:<12}"),
+        TextColumn("[bold]{task.fields[backend]:<16}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[phase]}"),
@@ -291,7 +371,7 @@ def _run(args, planned, config, price_overrides, peak_tflops) -> tuple[list[dict
     )
     with Progress(*columns, console=Console(stderr=True), transient=False, refresh_per_second=4) as progress:
         tasks = [
-            progress.add_task("", total=total, start=False, backend=row["backend"], phase="waiting" if row["status"] == "skipped" else "unavailable")
+            progress.add_task("", total=total, start=False, backend=metrics.row_label(row), phase="waiting" if row["status"] == "skipped" else "unavailable")
             for row in rows
         ]
         current = None
@@ -315,12 +395,14 @@ def _run(args, planned, config, price_overrides, peak_tflops) -> tuple[list[dict
                 spec = runner.RunSpec(
                     backend=row["backend"], workload=args.workload, steps=args.steps, warmup=args.warmup,
                     batch=config["batch"], seq=config["seq"], precision=precision, kernels=args.kernels, seed=args.seed,
+                    nproc=row["world_size"], parallel=row["parallel"],
                 )
                 outcome = runner.run_backend(spec, args.timeout, on_event)
                 row.update(status=outcome.status, error=outcome.error, startup_s=outcome.startup_s, wall_s=outcome.wall_s)
                 if outcome.ready:
                     row.update(device_kind=outcome.ready.get("device_kind") or "", devices=outcome.ready.get("devices"),
-                               versions={k: str(v) for k, v in (outcome.ready.get("versions") or {}).items()})
+                               versions={k: str(v) for k, v in (outcome.ready.get("versions") or {}).items()},
+                               layout=outcome.ready.get("layout"))
                 if outcome.status == "ok":
                     metrics.finish_row(row, outcome.measured, warmup=args.warmup, price_overrides=price_overrides, peak_tflops=peak_tflops)
                     progress.update(task, completed=total, phase=f"[green]done[/] {row['tokens_per_s']:,.0f} tokens/s")
@@ -333,7 +415,8 @@ def _run(args, planned, config, price_overrides, peak_tflops) -> tuple[list[dict
             # Ctrl-C: run_backend has already killed the child. Keep every finished row, mark the
             # one in flight and the ones never started, and let the caller write the outputs.
             if current is not None:
-                current.update(metrics.empty_row(current["backend"], "interrupted", "interrupted (Ctrl-C); the backend was stopped", precision))
+                current.update(metrics.empty_row(current["backend"], "interrupted", "interrupted (Ctrl-C); the backend was stopped", precision,
+                                                 world_size=current["world_size"], parallel=current["parallel"]))
             for row in rows:
                 if row["status"] == "skipped":
                     row["error"] = "not run: interrupted (Ctrl-C)"

@@ -13,7 +13,15 @@ Definitions (what the report's columns mean):
   (:func:`anychip.bench.peaks.mfu`).
 - cost: USD per hour of the devices used / 3600 / tokens per second x 1e6.
 - loss parity: per step, |loss - reference loss| / max(|reference loss|, 1e-12), against the
-  first backend that finished; a non-finite loss counts as an infinite difference.
+  first row that finished with the same number of processes; a non-finite loss counts as an
+  infinite difference.
+- several processes (``--nproc N``, torchrun): weak scaling, each process keeps ``batch``, a
+  step trains on N x batch samples, and tokens/s counts them all (rank 0 times the steps; every
+  step ends in a gradient all-reduce, so it cannot finish before the slowest rank). The devices
+  used are N x those of one process, at most the machine's (N processes on one CPU share it).
+  Rows of different N trained on different global batches, so their losses are not compared.
+- scaling efficiency of an N-process row: its tokens/s / (N x tokens/s of the 1-process row of
+  the same backend in the same run); 1.0 is perfect, null without a finished 1-process row.
 """
 
 from __future__ import annotations
@@ -116,12 +124,28 @@ def loss_parity(losses: Sequence[float | None], reference: Sequence[float | None
 ROW_STATUSES = ("ok", "failed", "crashed", "timeout", "interrupted", "unavailable", "skipped")
 
 
-def empty_row(backend: str, status: str, error: str | None, precision: str) -> dict:
+def row_label(row: dict) -> str:
+    """How a row is named in notes, parity and comparisons: the backend, plus the process count
+    when it is more than one ("cpu (nproc 2)"). A row is identified by (backend, world size)."""
+    world = row.get("world_size") or 1  # documents from before --nproc have no world_size: 1
+    return row["backend"] if world == 1 else f"{row['backend']} (nproc {world})"
+
+
+def row_key(row: dict) -> tuple[str, int]:
+    return row["backend"], row.get("world_size") or 1
+
+
+def empty_row(backend: str, status: str, error: str | None, precision: str, *, world_size: int = 1, parallel: str | None = None) -> dict:
     """A row with every field present and nothing measured (the schema requires all keys)."""
     if status not in ROW_STATUSES:
         raise ValueError(f"unknown row status {status!r}")
+    if (parallel is None) != (world_size == 1):
+        raise ValueError(f"world_size {world_size} with parallel={parallel!r}: one process has no parallel mode, several need one")
     return {
         "backend": backend,
+        "world_size": world_size,
+        "parallel": parallel,
+        "layout": None,
         "status": status,
         "error": error,
         "device_kind": "",
@@ -154,6 +178,8 @@ def empty_row(backend: str, status: str, error: str | None, precision: str) -> d
         "price": None,
         "usd_per_hour": None,
         "usd_per_million_tokens": None,
+        "scaling_efficiency": None,
+        "cpu_threads": None,
         "wall_s": None,
         "log_tail": [],
     }
@@ -187,6 +213,11 @@ def finish_row(
     losses = [float(x) if x is not None and math.isfinite(float(x)) else None for x in measured["losses"]]
     summary = step_time_summary(times)
     devices_used = int(measured.get("devices_used") or 1)
+    # --peak-tflops is the peak of the devices one process drives; a run of N processes on
+    # distinct devices has N times that (on shared devices, as often as there are devices).
+    per_process = int(measured.get("devices_per_process") or devices_used)
+    if measured.get("layout") is not None:
+        row["layout"] = dict(measured["layout"])
     window = measured.get("throughput_window")
     if window and window.get("seconds"):
         per_step_s = window["seconds"] / window["steps"]
@@ -217,12 +248,13 @@ def finish_row(
         memory=measured["memory"],
         losses=losses,
         final_loss=losses[-1] if losses else None,
+        cpu_threads=measured.get("cpu_threads"),
     )
     # Peak: --peak-tflops (per backend / device kind, or for every row) beats the backend's own
     # figure from anychip.bench.peaks; it is the peak of the devices the row uses.
     given = _override(peak_tflops, row["backend"], row["device_kind"])
     if given is not None:
-        row["peak_flops"] = given[1] * 1e12
+        row["peak_flops"] = given[1] * 1e12 * devices_used / per_process
         row["peak_flops_source"] = "--peak-tflops " + (f"{given[1]:g}" if given[0] == "*" else f"{given[0]}={given[1]:g}")
     elif measured.get("peak_flops"):
         row["peak_flops"] = float(measured["peak_flops"])
@@ -239,10 +271,30 @@ def finish_row(
 
 
 def add_parity(rows: list[dict], tolerance: float) -> None:
-    """Compare every finished row's loss trajectory with the first finished row's."""
+    """Compare every finished row's loss trajectory with that of the first finished row with
+    the same number of processes. Rows of different process counts trained on different
+    global batches (N x batch samples per step), so comparing their losses would only ever
+    report a mismatch that is not one."""
     finished = [r for r in rows if r["status"] == "ok" and r["losses"]]
-    if not finished:
-        return
-    ref = finished[0]
+    references: dict[int, dict] = {}
     for row in finished:
-        row["parity"] = loss_parity(row["losses"], ref["losses"], tolerance, ref["backend"]).as_dict()
+        ref = references.setdefault(row.get("world_size") or 1, row)
+        row["parity"] = loss_parity(row["losses"], ref["losses"], tolerance, row_label(ref)).as_dict()
+
+
+def scaling_efficiency(tokens_per_s: float | None, world_size: int, baseline_tokens_per_s: float | None) -> float | None:
+    """tokens/s of ``world_size`` processes / (``world_size`` x tokens/s of one process)."""
+    if not tokens_per_s or not baseline_tokens_per_s or world_size < 1:
+        return None
+    return tokens_per_s / (world_size * baseline_tokens_per_s)
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """Set ``scaling_efficiency`` of every finished multi-process row against the finished
+    1-process row of the same backend (None where there is none; None on 1-process rows)."""
+    baseline = {r["backend"]: r for r in rows if (r.get("world_size") or 1) == 1 and r["status"] == "ok"}
+    for row in rows:
+        world = row.get("world_size") or 1
+        base = baseline.get(row["backend"])
+        ok = world > 1 and row["status"] == "ok" and base is not None
+        row["scaling_efficiency"] = scaling_efficiency(row["tokens_per_s"], world, base["tokens_per_s"]) if ok else None

@@ -17,6 +17,7 @@ import socket
 from anychip.backends.probe import cpu_name
 
 from anychip.bench import schema
+from anychip.bench.metrics import row_key, row_label
 
 # -- the document ----------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ def fmt_parity(row: dict) -> str:
     p = row["parity"]
     if p is None:
         return "-"
-    if p["reference"] == row["backend"]:
+    if p["reference"] == row_label(row):
         return "reference"
     worst = "inf" if p["max_rel_diff"] is None else f"{p['max_rel_diff']:.1e}"
     over = f", >tol at step {p['first_step_over']}" if p["first_step_over"] else ""
@@ -121,9 +122,37 @@ def fmt_versions(row: dict) -> str:
     return " ".join(f"{k} {v}" for k, v in row["versions"].items() if k not in ("python", "anychip"))
 
 
+def fmt_procs(row: dict) -> str:
+    world = row.get("world_size") or 1
+    return str(world) if world == 1 else f"{world} {row.get('parallel') or '?'}"
+
+
+def fmt_scaling(row: dict) -> str:
+    eff = row.get("scaling_efficiency")
+    return "-" if eff is None else f"{eff * 100:.0f}%"
+
+
+def fmt_layout(row: dict) -> str:
+    """One line on how a multi-process row ran, from rank 0's layout."""
+    lay, world = row.get("layout"), row.get("world_size") or 1
+    where = ""
+    if lay:
+        where = f"{lay['engine'] or 'no launcher'}, {lay['nodes']} node(s) x {lay['local_world_size']} process(es)"
+        where += f", rendezvous {lay['coordinator']}" if lay.get("coordinator") else ""
+        where += "; "
+    batch = f"; global batch {world} x {row['batch']} = {row['samples_per_step']} samples per step" if row["batch"] and row["samples_per_step"] else ""
+    return f"{row_label(row)}: {where}world size {world}, parallel={row.get('parallel')}{batch}"
+
+
+def multi_process(doc: dict) -> bool:
+    """Whether the run has rows of more than one process (the scaling columns are shown)."""
+    return any((r.get("world_size") or 1) > 1 for r in doc["rows"]) or (doc["config"].get("nproc") or [1]) != [1]
+
+
 # (header, cell) for the terminal table and Markdown; the JSON carries more.
 COLUMNS = (
     ("backend", lambda r: r["backend"]),
+    ("procs", fmt_procs),
     ("status", lambda r: r["status"]),
     ("device", fmt_device),
     ("compile+warm-up s", lambda r: _fmt(r["warmup_s"], ".2f")),
@@ -135,12 +164,24 @@ COLUMNS = (
     ("final loss", lambda r: _fmt(r["final_loss"], ".4f")),
     ("loss parity (max rel diff)", fmt_parity),
     ("USD / M tokens", lambda r: _fmt(r["usd_per_million_tokens"], ",.4g")),
+    ("scaling eff.", fmt_scaling),
 )
+SCALING_COLUMNS = ("procs", "scaling eff.")
+LEFT_ALIGNED = ("backend", "procs", "status", "device")
+
+
+def columns(doc: dict) -> tuple:
+    """The columns of this document: the process count and scaling efficiency only when some
+    row ran on more than one process (a plain run's table is unchanged)."""
+    return COLUMNS if multi_process(doc) else tuple(c for c in COLUMNS if c[0] not in SCALING_COLUMNS)
 
 
 def title(doc: dict) -> str:
     c = doc["config"]
     shape = f"batch {c['batch']} x seq {c['seq']}" if c["batch"] and c["seq"] else "default batch"
+    if multi_process(doc):
+        shape = shape.replace("batch", "batch per process", 1)
+        shape += f", {','.join(map(str, c.get('nproc') or [1]))} process(es) ({c.get('parallel') or 'ddp'})"
     return (
         f"anychip bench: {c['workload']}, {shape}, {c['precision']}, "
         f"{c['warmup']} warm-up + {c['steps']} timed steps, seed {c['seed']}"
@@ -152,16 +193,39 @@ def notes(doc: dict) -> list[str]:
     out = []
     for r in doc["rows"]:
         if r["status"] != "ok":
-            out.append(f"{r['backend']}: {r['status']}: {r['error'] or ''}".rstrip(": "))
+            out.append(f"{row_label(r)}: {r['status']}: {r['error'] or ''}".rstrip(": "))
+    seen_versions = set()
     for r in doc["rows"]:
-        if r["versions"]:
+        if r["versions"] and r["backend"] not in seen_versions:  # once per backend, not per process count
+            seen_versions.add(r["backend"])
             out.append(f"{r['backend']} versions: {fmt_versions(r)}")
     sources = sorted({r["memory"]["source"] for r in doc["rows"] if r["memory"]})
     if sources:
         caveat = " (process RSS includes the framework and the host copy of the data)" if "process RSS" in sources else ""
         out.append("peak mem: " + ", ".join(sources) + caveat)
+    if multi_process(doc):
+        for r in doc["rows"]:
+            if (r.get("world_size") or 1) > 1:
+                out.append(fmt_layout(r))
+                used = r["devices_used"]
+                if r["status"] == "ok" and used and used < r["world_size"]:
+                    out.append(
+                        f"{row_label(r)}: {r['world_size']} processes share {used} device(s) ({r['device_kind']}), "
+                        "which a 1-process row has to itself"
+                    )
+        threads = [f"{row_label(r)} {r['cpu_threads']}" for r in doc["rows"] if r.get("cpu_threads")]
+        if threads:
+            out.append("CPU threads per process: " + ", ".join(threads) + " (torchrun sets OMP_NUM_THREADS=1 per process when it is unset)")
+        for name in doc["config"].get("one_process_backends") or []:
+            out.append(f"{name}: one process only: --nproc launches torch backends through torchrun; "
+                       f"{name} drives every local device from one process")
+        out.append(
+            "scaling: weak (each process keeps the batch; N processes train on N x batch per step); tokens/s counts "
+            "every process; scaling eff. = tokens/s at N / (N x tokens/s at 1); peak mem is rank 0's"
+        )
+    same = " with the same number of processes" if multi_process(doc) else ""
     out.append(
-        f"parity: per-step relative loss difference against the first finished backend, tolerance "
+        f"parity: per-step relative loss difference against the first finished backend{same}, tolerance "
         f"{doc['config']['parity_tolerance']:g}; prices as of {doc['config']['prices_as_of']} (see anychip/bench/prices.py)"
     )
     return out
@@ -172,12 +236,14 @@ def print_table(doc: dict, console=None) -> None:
 
     console = console or _console()
     table = Table(title=title(doc), title_justify="left")
-    for header, _ in COLUMNS:
-        table.add_column(header, overflow="fold", justify="left" if header in ("backend", "status", "device") else "right")
+    cols = columns(doc)
+    for header, _ in cols:
+        table.add_column(header, overflow="fold", justify="left" if header in LEFT_ALIGNED else "right")
     styles = {"ok": "green", "unavailable": "dim", "skipped": "dim"}
+    status = [h for h, _ in cols].index("status")
     for r in doc["rows"]:
-        cells = [cell(r) for _, cell in COLUMNS]
-        cells[1] = f"[{styles.get(r['status'], 'red')}]{cells[1]}[/]"
+        cells = [cell(r) for _, cell in cols]
+        cells[status] = f"[{styles.get(r['status'], 'red')}]{cells[status]}[/]"
         table.add_row(*cells)
     console.print(table)
     for line in notes(doc):
@@ -210,7 +276,7 @@ CSV_FIELDS = (
     "step_time_median_s", "step_time_p10_s", "step_time_p90_s", "tokens_per_step", "tokens_per_s", "samples_per_s",
     "flops_per_token", "peak_flops", "mfu", "peak_memory_bytes", "memory_source", "final_loss",
     "parity_reference", "parity_max_rel_diff", "parity_first_step_over", "usd_per_device_hour", "usd_per_hour",
-    "usd_per_million_tokens", "versions",
+    "usd_per_million_tokens", "versions", "world_size", "parallel", "nodes", "scaling_efficiency",
 )
 
 
@@ -223,6 +289,7 @@ def csv_record(row: dict) -> dict:
         parity_reference=par.get("reference"), parity_max_rel_diff=par.get("max_rel_diff"),
         parity_first_step_over=par.get("first_step_over"), usd_per_device_hour=price.get("usd_per_device_hour"),
         versions=";".join(f"{k}={v}" for k, v in row["versions"].items()),
+        world_size=row.get("world_size") or 1, nodes=(row.get("layout") or {}).get("nodes"),
     )
     return {k: ("" if flat.get(k) is None else flat[k]) for k in CSV_FIELDS}
 
@@ -247,11 +314,11 @@ def markdown(doc: dict) -> str:
         f"started {doc['started_at']}{' (interrupted)' if doc['interrupted'] else ''}; "
         f"`{esc(' '.join(doc['command']))}`",
         "",
-        "| " + " | ".join(h for h, _ in COLUMNS) + " |",
-        "|" + "|".join("---" if h in ("backend", "status", "device") else "---:" for h, _ in COLUMNS) + "|",
+        "| " + " | ".join(h for h, _ in columns(doc)) + " |",
+        "|" + "|".join("---" if h in LEFT_ALIGNED else "---:" for h, _ in columns(doc)) + "|",
     ]
     for r in doc["rows"]:
-        lines.append("| " + " | ".join(esc(cell(r)) for _, cell in COLUMNS) + " |")
+        lines.append("| " + " | ".join(esc(cell(r)) for _, cell in columns(doc)) + " |")
     lines.append("")
     lines += [f"- {esc(n)}" for n in notes(doc)]
     return "\n".join(lines) + "\n"
@@ -275,7 +342,7 @@ def figure(doc: dict):
     rows = doc["rows"]
     fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     bars_ax, loss_ax = fig.subplots(1, 2)
-    names = [r["backend"] for r in rows]
+    names = [row_label(r) for r in rows]
     heights = [r["tokens_per_s"] or 0.0 for r in rows]
     bars = bars_ax.bar(names, heights, color=["tab:blue" if r["status"] == "ok" else "tab:gray" for r in rows])
     labels = []
@@ -293,7 +360,7 @@ def figure(doc: dict):
     for r in rows:
         if r["losses"]:
             steps = list(range(1, len(r["losses"]) + 1))
-            loss_ax.plot(steps, [float("nan") if x is None else x for x in r["losses"]], label=r["backend"], linewidth=1.2)
+            loss_ax.plot(steps, [float("nan") if x is None else x for x in r["losses"]], label=row_label(r), linewidth=1.2)
     warm = doc["config"]["warmup"]
     loss_ax.axvspan(0.5, warm + 0.5, color="0.92", zorder=0, label=f"warm-up ({warm})")
     loss_ax.set_xlabel("step")
@@ -330,14 +397,15 @@ def _get(row: dict, path: tuple[str, ...]):
 
 
 def compare(a: dict, b: dict, max_regression: float) -> tuple[list[dict], list[str]]:
-    """Per backend, B / A for every compared metric. A ratio is a regression when it is worse
-    than ``max_regression`` (0.05: tokens/s below 0.95x, or step time, memory or final loss
-    above 1.05x); a backend that finished in A but not in B is one too."""
+    """Per row (a backend at a process count: ``cpu`` and ``cpu (nproc 2)`` are two rows), B / A
+    for every compared metric. A ratio is a regression when it is worse than ``max_regression``
+    (0.05: tokens/s below 0.95x, or step time, memory or final loss above 1.05x); a row that
+    finished in A but not in B is one too."""
     rows, regressions = [], []
-    b_rows = {r["backend"]: r for r in b["rows"]}
+    b_rows = {row_key(r): r for r in b["rows"]}
     for ra in a["rows"]:
-        name = ra["backend"]
-        rb = b_rows.pop(name, None)
+        name = row_label(ra)
+        rb = b_rows.pop(row_key(ra), None)
         entry = {"backend": name, "a_status": ra["status"], "b_status": rb["status"] if rb else "missing", "ratios": {}}
         rows.append(entry)
         if ra["status"] != "ok":
@@ -355,14 +423,19 @@ def compare(a: dict, b: dict, max_regression: float) -> tuple[list[dict], list[s
             worse = ratio < 1 - max_regression if direction > 0 else ratio > 1 + max_regression
             if worse:
                 regressions.append(f"{name}: {label} x{ratio:.3f} (beyond {max_regression:g})")
-    for name, rb in b_rows.items():
-        rows.append({"backend": name, "a_status": "missing", "b_status": rb["status"], "ratios": {}})
+    for rb in b_rows.values():
+        rows.append({"backend": row_label(rb), "a_status": "missing", "b_status": rb["status"], "ratios": {}})
     return rows, regressions
 
 
 def config_differences(a: dict, b: dict) -> list[str]:
     keys = ("workload", "batch", "seq", "precision", "steps", "warmup", "seed", "kernels")
-    return [f"{k}: {a['config'][k]!r} vs {b['config'][k]!r}" for k in keys if a["config"][k] != b["config"][k]]
+    diffs = [f"{k}: {a['config'][k]!r} vs {b['config'][k]!r}" for k in keys if a["config"][k] != b["config"][k]]
+    # Documents from before --nproc ran one process per row and had no parallel mode.
+    pa, pb = a["config"].get("parallel"), b["config"].get("parallel")
+    if pa and pb and pa != pb:
+        diffs.append(f"parallel: {pa!r} vs {pb!r}")
+    return diffs
 
 
 def print_comparison(rows: list[dict], regressions: list[str], diffs: list[str], a_name: str, b_name: str, max_regression: float, console=None) -> None:

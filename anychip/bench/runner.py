@@ -1,18 +1,23 @@
-"""One backend per process.
+"""One backend per process (per torchrun launch, for ``--nproc N`` rows).
 
 ``anychip bench`` never runs a backend in its own process: it starts
-``python -m anychip.bench.runner --spec JSON --events-fd N`` once per backend, one after the
+``python -m anychip.bench.runner --spec JSON --events SOCKET`` once per row, one after the
 other (running them side by side would make them compete for the host and distort every
-timing). A crash, an out-of-memory kill or a hang therefore ends one row, not the run, and
-``--timeout`` can kill a backend together with any process it started (each child leads its
-own session, so a terminal Ctrl-C reaches only the parent, which stops the child itself and
-still writes the rows that finished).
+timing). A row with ``nproc`` N > 1 starts the same module under torchrun
+(``python -m torch.distributed.run --standalone --nproc-per-node N -m anychip.bench.runner ...``):
+every rank trains, rank 0 alone reports. A crash, an out-of-memory kill or a hang therefore ends
+one row, not the run, and ``--timeout`` can kill a row together with every process it started
+(each child leads its own session, so a terminal Ctrl-C reaches only the parent, which stops the
+child itself and still writes the rows that finished).
 
-The child reports on a pipe of its own (``--events-fd``), one JSON object per line, so
-that whatever a library prints to stdout/stderr cannot corrupt the protocol; stdout and stderr
-go to a log whose tail explains a crash:
+The child reports on a channel of its own, so that whatever a library prints to stdout/stderr
+cannot corrupt the protocol: a UNIX socket the parent listens on, in a private temporary
+directory, named by ``--events``. A path and not an inherited file descriptor, because torchrun
+passes no descriptors to the workers it starts; rank 0 connects, the other ranks never do. One
+JSON object per line; stdout and stderr (torchrun's and every rank's) go to a log whose tail
+explains a crash:
 
-    {"event": "ready", "device_kind": ..., "devices": ..., "versions": {...}}
+    {"event": "ready", "device_kind": ..., "devices": ..., "versions": {...}, "layout": {...}}
     {"event": "step", "phase": "warmup" | "timed", "done": k, "total": n}
     {"event": "result", "row": {...measurements...}}      or      {"event": "error", ...}
 
@@ -22,7 +27,9 @@ is looked up; importing one is expected to call :func:`anychip.backends.register
 
 Same seed, same initial weights, same batches on every backend: the model is built on the
 host from ``workload.build(seed)`` and every batch from ``workload.batch(step, ..., seed)``,
-generated before the clock starts.
+generated before the clock starts. Under torchrun every rank builds the same global batch
+(``nproc`` x ``batch`` samples: weak scaling) and ``TrainStep(parallel=...)`` trains each rank
+on its slice of it.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Callable
 
 from anychip.backends import load_plugins
@@ -59,6 +68,14 @@ class RunSpec:
     kernels: str = "auto"
     seed: int = 0
     lr: float = 1e-3
+    nproc: int = 1  # processes; > 1: launched by torchrun, batch per process, N x batch per step
+    parallel: str | None = None  # TrainStep(parallel=...) of an nproc > 1 row: "ddp" or "fsdp"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.nproc, int) and self.nproc >= 1):
+            raise ValueError(f"nproc must be an int >= 1, got {self.nproc!r}")
+        if (self.parallel is None) != (self.nproc == 1):
+            raise ValueError(f"nproc={self.nproc} needs parallel='ddp' or 'fsdp' exactly when nproc > 1, got {self.parallel!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -107,22 +124,29 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     import platform
 
     import anychip as ac
-    from anychip import workloads
+    from anychip import distributed, workloads
 
     load_plugins()
+    world = distributed.world_size()
+    if world != spec.nproc:
+        raise RuntimeError(f"this row runs on {spec.nproc} process(es), but the launch has world size {world}")
     backend = ac.backend(spec.backend)
     import torch  # after the backend: some backends configure the environment torch reads
 
     versions = {"python": platform.python_version(), "anychip": ac.__version__, "torch": torch.__version__}
     versions.update(backend.availability.versions)
-    emit("ready", device_kind=backend.device_kind, devices=backend.device_count, versions=versions)
+    emit("ready", device_kind=backend.device_kind, devices=backend.device_count, versions=versions,
+         layout=distributed.layout().as_dict())
 
     t0 = time.perf_counter()
     workload = workloads.get(spec.workload)
-    batch_size = spec.batch or workload.default_batch
+    batch_size = spec.batch or workload.default_batch  # per process
     seq = spec.seq or workload.default_seq
     total = spec.warmup + spec.steps
-    batches = [workload.batch(i, batch_size, seq, spec.seed) for i in range(total)]
+    # Weak scaling: every rank builds the same global batch of world x batch samples and
+    # TrainStep trains each on its slice (split_batches), so each process keeps `batch`.
+    global_batch = batch_size * world
+    batches = [workload.batch(i, global_batch, seq, spec.seed) for i in range(total)]
     model = workload.build(seed=spec.seed)
     flops_per_token = float(workload.flops_per_token(model, seq))
     schedule = ac.WarmupCosine(warmup=max(1, total // 10), total=total, min_ratio=0.1)
@@ -134,6 +158,7 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         precision=spec.precision,
         max_grad_norm=1.0,
         kernels=spec.kernels,
+        parallel=spec.parallel,
     )
     setup_s = time.perf_counter() - t0
 
@@ -147,6 +172,8 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         warm_times.append(time.perf_counter() - t)
         emit("step", phase="warmup", done=i + 1, total=spec.warmup)
 
+    if world > 1:
+        distributed.barrier()  # the ranks leave warm-up at different times; start the clock together
     backend.reset_peak_memory()
     # Two views of the steady state. First half: a throughput window, steps back to back and
     # one synchronisation at its end, as a training loop runs (tokens/s comes from it; a sync
@@ -173,19 +200,40 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     # The losses are read after the clock stopped: StepOutput keeps them on the device, so
     # recording every step's loss costs the timed loop nothing.
     losses = [out.loss for out in outputs]
-    peak = backend.peak_flops(spec.precision)
+    peak = backend.peak_flops(spec.precision)  # of the devices one process drives
+    per_process = backend.devices_in_use
+    # Devices the whole run uses: N processes x the devices each drives, but no more than the
+    # machine has (N processes on one CPU share that one CPU; MFU and cost count it once).
+    devices_used = per_process * world
+    if world > 1 and backend.device_count:
+        devices_used = min(devices_used, backend.device_count)
+    if peak and world > 1:
+        peak = peak * devices_used / per_process
+    layout = distributed.layout().as_dict()  # with the process group up: what torch.distributed says
+    if world > 1:
+        import torch.distributed as dist
+
+        distributed.barrier()
+        dist.destroy_process_group()  # a clean exit on every rank (torch warns otherwise)
     return {
         "device_kind": backend.device_kind,
         "devices": backend.device_count,
-        "devices_used": backend.devices_in_use,
+        "devices_used": devices_used,
+        "devices_per_process": per_process,
+        "world_size": world,
+        "parallel": spec.parallel,
+        "layout": layout,
+        # On a CPU the intra-op threads per process decide what N processes can gain over one
+        # (torchrun sets OMP_NUM_THREADS=1 per rank when it is unset).
+        "cpu_threads": torch.get_num_threads() if getattr(backend, "device_type", None) == "cpu" else None,
         "versions": versions,
         "setup_s": setup_s,
         "first_step_s": warm_times[0] if warm_times else None,
         "warmup_s": sum(warm_times),
         "step_times_s": times,
         "throughput_window": {"steps": window, "seconds": window_s} if window else None,
-        "tokens_per_step": int(outputs[-1].tokens),
-        "samples_per_step": batch_size,
+        "tokens_per_step": int(outputs[-1].tokens),  # of the global batch (every rank's slice)
+        "samples_per_step": global_batch,
         "batch": batch_size,
         "seq": seq,
         "flops_per_token": flops_per_token,
@@ -195,17 +243,28 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     }
 
 
+def _connect(path: str) -> socket.socket:
+    """The event channel (rank 0 only)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # not inheritable: children cannot hold it open
+    sock.connect(path)
+    return sock
+
+
 def child_main(argv: list[str] | None = None) -> int:
+    from anychip import distributed
+
     parser = argparse.ArgumentParser(prog="python -m anychip.bench.runner")
     parser.add_argument("--spec", required=True, help="RunSpec as JSON")
-    parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--events", required=True, metavar="SOCKET", help="UNIX socket the parent listens on")
     args = parser.parse_args(argv)
-    os.set_inheritable(args.events_fd, False)  # processes this one starts must not hold the pipe open
-    events = os.fdopen(args.events_fd, "w", buffering=1)
     _watch_parent()
+    # Under torchrun only rank 0 reports (its result is the row); the others train, and their
+    # output goes to the log the parent keeps.
+    events = _connect(args.events) if distributed.rank() == 0 else None
 
     def emit(event: str, **fields) -> None:
-        events.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+        if events is not None:  # one whole line per send, as it happens: progress is live
+            events.sendall((json.dumps({"event": event, **fields}, default=str) + "\n").encode())
 
     try:
         row = measure(RunSpec.from_json(args.spec), emit)
@@ -216,32 +275,87 @@ def child_main(argv: list[str] | None = None) -> int:
         tb = traceback.format_exc()
         print(tb, file=sys.stderr, flush=True)  # into the log, whose tail the row keeps
         emit("error", error=f"{type(exc).__name__}: {first}", traceback=tb)
-        events.flush()
         return 1
-    emit("result", row=row)
-    events.flush()
-    return 0
+    else:
+        emit("result", row=row)
+        return 0
+    finally:
+        if events is not None:
+            events.close()
 
 
 # -- the parent ---------------------------------------------------------------------------------
 
 
-def _child_env() -> dict[str, str]:
-    """The parent's environment, with this anychip and the plug-in modules importable."""
+# A launcher's variables: a bench row is a run of its own, so a bench started inside another
+# launch (a shell where torchrun or jax.distributed set these) must not hand them to its children.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+              "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "JAX_COORDINATOR_ADDRESS",
+              "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Every process of one row carries RUN_ENV=<token> in its environment, so a timeout can find
+# and kill all of them: torchrun starts each worker in a session of its own, out of reach of
+# the launcher's process group (torch/distributed/elastic/multiprocessing/subprocess_handler).
+RUN_ENV = "ANYCHIP_BENCH_RUN"
+
+
+def _child_env(token: str) -> dict[str, str]:
+    """The parent's environment, with this anychip and the plug-in modules importable, no
+    launcher variables, and the row's token."""
     import anychip
 
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("TORCHELASTIC_")}
     roots = [os.path.dirname(os.path.dirname(os.path.abspath(anychip.__file__)))] + load_plugins()
     existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + existing))
+    env[RUN_ENV] = token
     return env
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _processes_of(token: str) -> list[int]:
+    """Pids of the processes whose environment carries this row's token (Linux ``/proc``; an
+    empty list elsewhere, where the process group and the children's parent watch remain)."""
+    needle = f"{RUN_ENV}={token}".encode()
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
-    except (ProcessLookupError, PermissionError):
-        pass
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+def _kill_all(proc: subprocess.Popen, token: str) -> None:
+    """SIGKILL the child's process group and the group of every process of this row (torchrun
+    workers and whatever they started), never this process's own group."""
+    own = os.getpgrp()
+    groups = {proc.pid}
+    for _ in range(3):  # again, for anything started while the first pass ran
+        pids = [p for p in _processes_of(token) if p != os.getpid()]
+        for pid in pids:
+            try:
+                groups.add(os.getpgid(pid))
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for group in groups - {own}:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not pids:
+            break
+
+
+def _kill(proc: subprocess.Popen, token: str) -> None:
+    _kill_all(proc, token)
     proc.wait()
 
 
@@ -262,24 +376,49 @@ def _describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
+def launch_command(spec: RunSpec, events: str) -> list[str]:
+    """The command of one row: the runner module, under torchrun when ``spec.nproc`` > 1
+    (``--standalone``: a rendezvous on this host at a free port, so rows never collide)."""
+    child = ["-m", "anychip.bench.runner", "--spec", spec.to_json(), "--events", events]
+    if spec.nproc == 1:
+        return [sys.executable, *child]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(spec.nproc), *child]
+
+
+def _socket_dir() -> str | None:
+    """Where the event socket goes: the temporary directory, unless its path is too long for a
+    UNIX socket address (108 bytes on Linux, 104 on macOS)."""
+    return "/tmp" if len(tempfile.gettempdir()) > 64 and os.path.isdir("/tmp") else None
+
+
 def run_backend(spec: RunSpec, timeout: float, on_event: Callable[[dict], None] = lambda e: None) -> Outcome:
-    """Run one backend in a fresh process; never raises for the child's sake (KeyboardInterrupt
-    excepted: the child is killed first, then it propagates)."""
-    read_fd, write_fd = os.pipe()
+    """Run one row in a fresh process (a torchrun launch when ``spec.nproc`` > 1); never raises
+    for the child's sake (KeyboardInterrupt excepted: the child is killed first, then it
+    propagates)."""
+    with tempfile.TemporaryDirectory(prefix="anychip-bench-", dir=_socket_dir()) as tmp:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            path = os.path.join(tmp, "events")
+            listener.bind(path)  # the directory is private (mode 0700): only this user can connect
+            listener.listen(1)
+            return _run(spec, timeout, on_event, listener, path)
+        finally:
+            listener.close()
+
+
+def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path: str) -> Outcome:
     log = tempfile.TemporaryFile()
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "anychip.bench.runner", "--spec", spec.to_json(), "--events-fd", str(write_fd)]
+    token = uuid.uuid4().hex
     try:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-            start_new_session=True, env=_child_env(),
+            launch_command(spec, path), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=_child_env(token),
         )
     except OSError as exc:
-        os.close(read_fd)
         log.close()
         return Outcome("failed", error=f"cannot start {sys.executable}: {exc}")
-    finally:
-        os.close(write_fd)
+    conn = None  # rank 0's connection, once it made it
     outcome = Outcome("crashed")
     last_step = "start-up"
     buffer = b""
@@ -309,32 +448,31 @@ def run_backend(spec: RunSpec, timeout: float, on_event: Callable[[dict], None] 
             while not eof:
                 remaining = started + timeout - time.perf_counter()
                 if remaining <= 0:
-                    _kill(proc)
+                    _kill(proc, token)
                     outcome.status = "timeout"
                     outcome.error = f"no result within --timeout {timeout:g} s, killed (last progress: {last_step})"
                     outcome.log_tail = _tail(log)
                     break
-                readable, _, _ = select.select([read_fd], [], [], min(remaining, 0.25))
-                if readable:
-                    chunk = os.read(read_fd, 1 << 16)
+                readable, _, _ = select.select([conn or listener], [], [], min(remaining, 0.25))
+                if readable and conn is None:
+                    conn, _ = listener.accept()
+                elif readable:
+                    chunk = conn.recv(1 << 16)
                     eof = not chunk
                     buffer += chunk
                     *lines, buffer = buffer.split(b"\n")
                     for line in lines:
                         handle(line)
                 elif proc.poll() is not None:
-                    eof = True  # exited; a grandchild may still hold the pipe, nothing more will come
+                    eof = True  # exited (before connecting, or a grandchild holds the socket): nothing more will come
             else:
                 try:
                     outcome.exit_code = proc.wait(timeout=max(1.0, started + timeout - time.perf_counter()))
                 except subprocess.TimeoutExpired:
-                    _kill(proc)
+                    _kill(proc, token)
                     outcome.exit_code = proc.returncode
-                # The process group may still hold helpers (compile workers); they go with it.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                # Helpers may be left (compile workers, torchrun workers): they go with the row.
+                _kill_all(proc, token)
                 if outcome.measured is not None:
                     outcome.status = "ok"
                 elif outcome.error is not None:
@@ -345,10 +483,11 @@ def run_backend(spec: RunSpec, timeout: float, on_event: Callable[[dict], None] 
                 if outcome.status != "ok":
                     outcome.log_tail = _tail(log)
     except KeyboardInterrupt:
-        _kill(proc)
+        _kill(proc, token)
         raise
     finally:
-        os.close(read_fd)
+        if conn is not None:
+            conn.close()
         outcome.wall_s = time.perf_counter() - started
     return outcome
 

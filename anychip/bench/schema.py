@@ -39,9 +39,29 @@ def _object(properties: dict, *, optional: tuple[str, ...] = ()) -> dict:
     }
 
 
+LAYOUT = _object(
+    {
+        "engine": {"type": ["string", "null"]},
+        "world_size": {"type": "integer", "minimum": 1},
+        "rank": {"type": "integer", "minimum": 0},
+        "local_rank": {"type": "integer", "minimum": 0},
+        "local_world_size": {"type": "integer", "minimum": 1},
+        "coordinator": {"type": ["string", "null"]},
+        "nodes": {"type": "integer", "minimum": 1},
+    }
+)
+LAYOUT = {**LAYOUT, "type": ["object", "null"], "description": "rank 0's place in the run (anychip.distributed.Layout)"}
+
+# Optional row fields added after version 1 was first written (a document without them reads
+# as one process: world_size 1, no parallel mode, no scaling efficiency).
+SCALING_FIELDS = ("world_size", "parallel", "layout", "scaling_efficiency", "cpu_threads")
+
 ROW = _object(
     {
         "backend": {"type": "string", "pattern": r"^\S+$"},
+        "world_size": {"type": "integer", "minimum": 1, "description": "processes of the run (--nproc; > 1: torchrun, one rank each); a row is identified by backend and world_size"},
+        "parallel": {"enum": [None, "ddp", "fsdp"], "description": "TrainStep(parallel=...) of a world_size > 1 row"},
+        "layout": LAYOUT,
         "status": {"enum": ["ok", "failed", "crashed", "timeout", "interrupted", "unavailable", "skipped"]},
         "error": {"type": ["string", "null"]},
         "device_kind": {"type": "string"},
@@ -100,6 +120,11 @@ ROW = _object(
         },
         "usd_per_hour": _nonneg_or_null,
         "usd_per_million_tokens": _nonneg_or_null,
+        "scaling_efficiency": {
+            "type": ["number", "null"], "minimum": 0,
+            "description": "tokens_per_s / (world_size x tokens_per_s of the world_size 1 row of the same backend); null at world_size 1",
+        },
+        "cpu_threads": {"type": ["integer", "null"], "minimum": 1, "description": "intra-op threads per process of a torch CPU row (torch.get_num_threads())"},
         "wall_s": _nonneg_or_null,
         "log_tail": {"type": "array", "items": {"type": "string"}},
         "throughput_window": {
@@ -109,7 +134,7 @@ ROW = _object(
             "additionalProperties": False,
         },
     },
-    optional=("throughput_window",),
+    optional=("throughput_window", *SCALING_FIELDS),
 )
 
 SCHEMA = {
@@ -151,7 +176,14 @@ SCHEMA = {
                     "prices_as_of": {"type": "string"},
                     "price_overrides": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
                     "peak_tflops": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
-                }
+                    "nproc": {"type": "array", "items": {"type": "integer", "minimum": 1}, "description": "--nproc: process counts, each backend row once per count"},
+                    "parallel": {"enum": [None, "ddp", "fsdp"], "description": "--parallel of the nproc > 1 rows"},
+                    "one_process_backends": {
+                        "type": "array", "items": {"type": "string"},
+                        "description": "backends run only at nproc 1 (jax:* drives every local device from one process)",
+                    },
+                },
+                optional=("nproc", "parallel", "one_process_backends"),
             ),
             "rows": {"type": "array", "items": ROW},
         }

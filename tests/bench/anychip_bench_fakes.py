@@ -4,8 +4,8 @@ behaviour changed; none is ever auto-selected (``auto=False``).
 
 - ``fake-crash``: the process dies with ``os._exit(3)`` inside update ``FAIL_AT`` (no Python
   exception, no chance to report: what a segfault or an OOM kill looks like to the parent);
-- ``fake-hang``: sleeps (120 s) inside update ``FAIL_AT`` (writes its pid to ``$ANYCHIP_FAKE_HANG_MARKER``
-  first, so a test knows when it is stuck);
+- ``fake-hang``: sleeps (120 s) inside update ``FAIL_AT`` (appends its pid to ``$ANYCHIP_FAKE_HANG_MARKER``
+  first, one line per process, so a test knows when and which processes are stuck);
 - ``fake-raise``: raises inside update ``FAIL_AT``;
 - ``fake-accel``: works, and claims a peak of :data:`ACCEL_PEAK_FLOPS` so MFU is computed;
 - ``fake-missing``: never available.
@@ -48,8 +48,8 @@ class Hang(_Misbehaving):
     def misbehave(self) -> None:
         marker = os.environ.get(HANG_MARKER_ENV)
         if marker:
-            with open(marker, "w") as fh:
-                fh.write(str(os.getpid()))
+            with open(marker, "a") as fh:  # one line per process: every rank of a torchrun row hangs
+                fh.write(f"{os.getpid()}\n")
         time.sleep(120)  # long enough to be killed; short enough that a broken --timeout fails the test instead of hanging it
 
 

@@ -26,20 +26,26 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
-def finished_row(backend: str, *, tokens_per_s: float, losses, peak_bytes: int = 1 << 20, mfu_peak_tflops=None, device_kind="AMD EPYC"):
-    """A finished row as the bench builds it, with a chosen throughput (one timed step)."""
+def finished_row(backend: str, *, tokens_per_s: float, losses, peak_bytes: int = 1 << 20, mfu_peak_tflops=None, device_kind="AMD EPYC",
+                 world_size: int = 1):
+    """A finished row as the bench builds it, with a chosen throughput (one timed step);
+    ``world_size`` processes train on world_size x 2 samples of 500 tokens per step."""
     from anychip.bench import metrics
 
-    tokens = 1000
+    tokens = 1000 * world_size
     measured = {
         "device_kind": device_kind, "devices": 1, "devices_used": 1, "versions": {"torch": "2.13.0"},
         "setup_s": 0.5, "first_step_s": 1.0, "warmup_s": 1.0, "step_times_s": [tokens / tokens_per_s],
-        "tokens_per_step": tokens, "samples_per_step": 2, "batch": 2, "seq": 500, "flops_per_token": 1e6,
+        "tokens_per_step": tokens, "samples_per_step": 2 * world_size, "batch": 2, "seq": 500, "flops_per_token": 1e6,
         "peak_flops": None, "memory": {"peak_bytes": peak_bytes, "current_bytes": peak_bytes // 2, "source": "process RSS"},
         "losses": list(losses),
     }
+    if world_size > 1:
+        measured["layout"] = {"engine": "torchrun", "world_size": world_size, "rank": 0, "local_rank": 0,
+                              "local_world_size": world_size, "coordinator": "localhost:29500", "nodes": 1}
     peak = {backend: mfu_peak_tflops} if mfu_peak_tflops else None
-    return metrics.finish_row(metrics.empty_row(backend, "ok", None, "fp32"), measured, warmup=1, peak_tflops=peak)
+    row = metrics.empty_row(backend, "ok", None, "fp32", world_size=world_size, parallel="ddp" if world_size > 1 else None)
+    return metrics.finish_row(row, measured, warmup=1, peak_tflops=peak)
 
 
 def make_doc(rows, **config_over):
@@ -52,4 +58,5 @@ def make_doc(rows, **config_over):
     }
     config.update(config_over)
     metrics.add_parity(rows, config["parity_tolerance"])
+    metrics.add_scaling(rows)
     return report.document(command=["anychip", "bench"], started_at=report.now_iso(), config=config, rows=rows, interrupted=False)

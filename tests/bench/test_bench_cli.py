@@ -8,6 +8,7 @@ from bench_support import one_line, run_cli
 
 from anychip.bench import cli as bench_cli
 from anychip.bench import runner
+from anychip.cli import UsageError
 
 
 @pytest.fixture
@@ -45,6 +46,16 @@ BAD = [
     (["--json", "/no/such/dir/out.json"], "does not exist"),
     (["--csv", "."], "is a directory"),
     (["--frobnicate"], "unrecognized arguments"),
+    (["--nproc", "0"], "process counts must be >= 1, got 0"),
+    (["--nproc", "1,-2"], "process counts must be >= 1, got -2"),
+    (["--nproc", "a"], "expected whole numbers such as 1,2,4, got 'a'"),
+    (["--nproc", "1.5"], "expected whole numbers such as 1,2,4, got '1.5'"),
+    (["--nproc", "1,,2"], "empty count in '1,,2'"),
+    (["--nproc", ""], "empty count in ''"),
+    (["--nproc", "2,1,2"], "2 is listed twice in '2,1,2'"),
+    (["--parallel", "fsdp"], "--parallel fsdp applies to --nproc counts > 1"),
+    (["--nproc", "2", "--parallel", "tp"], "invalid choice: 'tp'"),
+    (["--backends", "jax:cpu", "--nproc", "2"], "jax:cpu runs in one process"),
 ]
 
 
@@ -57,6 +68,34 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_runs(argv, message, no
     # unknown options are reported by the top-level parser ("anychip: error: ...")
     assert line.startswith(("anychip bench: error: ", "anychip: error: "))
     assert message in line
+
+
+def test_nproc_parses_to_ascending_counts():
+    from anychip.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["bench"]).nproc == [1]
+    assert parser.parse_args(["bench", "--nproc", " 4, 1,2"]).nproc == [1, 2, 4]
+
+
+def test_bench_refuses_to_run_inside_a_launch(monkeypatch, no_runs):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli("bench", "--nproc", "1,2")
+    assert code == 2 and "anychip bench starts its own processes" in one_line(err)
+
+
+def test_rows_per_process_count_with_jax_at_one_process_only(fakes):
+    planned = bench_cli.plan_backends("cpu,jax:cpu,fake-accel")
+    rows, left = bench_cli.plan_rows(planned, [1, 2, 4], explicit=True)
+    assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("cpu", 2), ("cpu", 4), ("jax:cpu", 1), ("fake-accel", 1), ("fake-accel", 2), ("fake-accel", 4)]
+    assert left == ["jax:cpu"]
+    rows, left = bench_cli.plan_rows(planned, [1], explicit=True)  # the default: one row per backend, nothing left out
+    assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("jax:cpu", 1), ("fake-accel", 1)] and left == []
+    # picked by auto/all, a jax backend without a 1 in --nproc is left out with a note, not an error
+    rows, left = bench_cli.plan_rows(planned, [2], explicit=False)
+    assert [(name, n) for name, _, n in rows] == [("cpu", 2), ("fake-accel", 2)] and left == ["jax:cpu"]
+    with pytest.raises(UsageError, match="none of the selected backends runs under torchrun"):
+        bench_cli.plan_rows(bench_cli.plan_backends("jax:cpu"), [2], explicit=False)
 
 
 def test_unwritable_output_path(tmp_path, no_runs):

@@ -165,3 +165,66 @@ def test_tokens_per_second_come_from_the_throughput_window():
     # 2 steps x 100 tokens in 0.4 s = 500 tokens/s (the synced median alone would say 200)
     assert row["tokens_per_s"] == 500.0 and row["samples_per_s"] == 20.0
     assert row["steps"] == 4 and row["step_time_s"]["median"] == 0.5
+
+
+# -- several processes (--nproc) ------------------------------------------------------------------
+
+
+def _row(backend, world, tokens_per_step, step_s, status="ok", losses=None, **measured):
+    row = metrics.empty_row(backend, status, None if status == "ok" else "boom", "fp32", world_size=world,
+                            parallel="ddp" if world > 1 else None)
+    if status == "ok":
+        m = _measured(step_times_s=[step_s], tokens_per_step=tokens_per_step, samples_per_step=6 * world, **measured)
+        m["losses"] = losses or m["losses"]
+        metrics.finish_row(row, m, warmup=1)
+    return row
+
+
+def test_scaling_efficiency_by_hand():
+    one = _row("cpu", 1, 3000, 0.3)  # 10,000 tokens/s
+    two = _row("cpu", 2, 6000, 0.4)  # 15,000 tokens/s: 15,000 / (2 x 10,000) = 0.75
+    four = _row("cpu", 4, 12000, 1.2)  # 10,000 tokens/s: 10,000 / (4 x 10,000) = 0.25
+    other = _row("fake-accel", 2, 6000, 0.1)  # no 1-process row of its own: no efficiency
+    metrics.add_scaling([one, two, four, other])
+    assert two["scaling_efficiency"] == pytest.approx(0.75)
+    assert four["scaling_efficiency"] == pytest.approx(0.25)
+    assert one["scaling_efficiency"] is None and other["scaling_efficiency"] is None
+    failed_base = _row("cpu", 1, 0, 0, status="crashed")
+    metrics.add_scaling([failed_base, two])
+    assert two["scaling_efficiency"] is None
+
+
+def test_parity_compares_rows_of_the_same_process_count_only():
+    # N processes train on N x batch samples per step: their losses differ from one process's
+    # by design, and must not be reported as a parity failure.
+    one = _row("cpu", 1, 3000, 0.3, losses=[3.0, 2.0])
+    jax_one = _row("jax:cpu", 1, 3000, 0.3, losses=[3.0, 2.1])
+    two = _row("cpu", 2, 6000, 0.4, losses=[3.0, 1.0])
+    accel_two = _row("fake-accel", 2, 6000, 0.4, losses=[3.0, 1.0])
+    metrics.add_parity([one, jax_one, two, accel_two], 1e-3)
+    assert one["parity"]["reference"] == "cpu" and jax_one["parity"]["reference"] == "cpu"
+    assert jax_one["parity"]["max_rel_diff"] == pytest.approx(0.05)
+    assert two["parity"]["reference"] == "cpu (nproc 2)" and two["parity"]["first_step_over"] is None
+    assert accel_two["parity"] == {"reference": "cpu (nproc 2)", "tolerance": 1e-3, "steps_compared": 2, "max_rel_diff": 0.0, "first_step_over": None}
+
+
+def test_several_processes_count_their_devices_for_mfu_and_cost():
+    # 4 ranks on 4 of 8 GPUs, one each: 4 devices, 4 x the per-process --peak-tflops, 4 x the price
+    row = metrics.empty_row("cuda", "ok", None, "bf16", world_size=4, parallel="ddp")
+    metrics.finish_row(row, _measured(device_kind="NVIDIA H100 80GB HBM3", devices=8, devices_used=4, devices_per_process=1),
+                       warmup=1, peak_tflops={"*": 0.01})  # median step 0.3 s: 10,000 tokens/s, 1e10 FLOP/s
+    assert row["peak_flops"] == pytest.approx(4e10)
+    assert row["mfu"] == pytest.approx(1e10 / 4e10)
+    assert row["usd_per_hour"] == pytest.approx(4 * 6.88)
+    # 2 ranks sharing the one CPU: the child reports 1 device used, so the peak is counted once
+    shared = metrics.finish_row(metrics.empty_row("cpu", "ok", None, "fp32", world_size=2, parallel="ddp"),
+                                _measured(devices_used=1, devices_per_process=1), warmup=1, peak_tflops={"*": 0.05})
+    assert shared["peak_flops"] == pytest.approx(5e10)
+
+
+def test_a_row_label_names_its_process_count():
+    assert metrics.row_label(metrics.empty_row("cpu", "skipped", None, "fp32")) == "cpu"
+    assert metrics.row_label(metrics.empty_row("cpu", "skipped", None, "fp32", world_size=2, parallel="fsdp")) == "cpu (nproc 2)"
+    assert metrics.row_label({"backend": "cpu"}) == "cpu"  # a document from before --nproc
+    with pytest.raises(ValueError, match="parallel"):
+        metrics.empty_row("cpu", "skipped", None, "fp32", world_size=2)

@@ -190,3 +190,85 @@ def test_compare_bad_input_is_one_line_exit_2(tmp_path):
         code, out, err = run_cli("bench", "compare", *argv)
         assert code == 2, argv
         assert one_line(err).startswith("anychip bench") and out == ""
+
+
+# -- several processes (--nproc) --------------------------------------------------------------
+
+
+def _scaling_doc(cpu2_tokens=3000.0):
+    rows = [
+        finished_row("cpu", tokens_per_s=2000.0, losses=[3.0, 2.0]),
+        finished_row("cpu", tokens_per_s=cpu2_tokens, losses=[3.0, 1.8], world_size=2),
+        finished_row("fake-accel", tokens_per_s=2000.0, losses=[3.0, 2.0]),
+        metrics.empty_row("fake-accel", "crashed", "exited with status 1", "fp32", world_size=2, parallel="ddp"),
+    ]
+    return make_doc(rows, nproc=[1, 2], parallel="ddp", one_process_backends=["jax:cpu"])
+
+
+def test_scaling_rows_in_the_table_csv_and_markdown(tmp_path):
+    from rich.console import Console
+
+    doc = _scaling_doc()
+    assert schema.validate(doc) == []
+    cpu2 = doc["rows"][1]
+    assert cpu2["scaling_efficiency"] == pytest.approx(3000 / (2 * 2000))
+    assert cpu2["parity"]["reference"] == "cpu (nproc 2)"  # not compared with the 1-process rows
+    console = Console(record=True, width=300)
+    report.print_table(doc, console)
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "backend" in line)
+    assert "procs" in header and "scaling eff." in header
+    assert "cpu (nproc 2): torchrun, 1 node(s) x 2 process(es), rendezvous localhost:29500; world size 2, parallel=ddp; global batch 2 x 2 = 4 samples per step" in text
+    assert "fake-accel (nproc 2): crashed: exited with status 1" in text
+    assert "jax:cpu: one process only: --nproc launches torch backends through torchrun" in text
+    assert "batch per process 2 x seq 500, 1,2 process(es) (ddp)" in text
+    cells = [c.strip() for c in next(line for line in text.splitlines() if "2 ddp" in line).split("│")]
+    assert "75%" in cells and "reference" in cells
+
+    report.write_csv(doc, str(tmp_path / "r.csv"))
+    with open(tmp_path / "r.csv") as fh:
+        records = list(csv.DictReader(fh))
+    assert [(r["backend"], r["world_size"], r["parallel"], r["nodes"]) for r in records] == [
+        ("cpu", "1", "", ""), ("cpu", "2", "ddp", "1"), ("fake-accel", "1", "", ""), ("fake-accel", "2", "ddp", "")]
+    assert float(records[1]["scaling_efficiency"]) == pytest.approx(0.75) and records[0]["scaling_efficiency"] == ""
+    md = report.markdown(doc)
+    assert "| backend | procs | status |" in md and "| cpu | 2 ddp | ok |" in md and "| 75% |" in md
+
+
+def test_a_one_process_run_keeps_its_table():
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    report.print_table(_doc(), console)
+    text = console.export_text()
+    assert "procs" not in text and "scaling" not in text
+    assert "| backend | status | device |" in report.markdown(_doc())
+
+
+def test_documents_from_before_nproc_still_load_and_compare(tmp_path):
+    old = _doc()
+    for row in old["rows"]:
+        for key in schema.SCALING_FIELDS:
+            del row[key]
+    assert schema.validate(old) == []
+    path = tmp_path / "old.json"
+    report.write_json(old, str(path))
+    new = tmp_path / "new.json"
+    report.write_json(_doc(), str(new))
+    code, out, _ = run_cli("bench", "compare", str(path), str(new))
+    assert code == 0 and "no regression" in out
+
+
+def test_compare_matches_rows_by_backend_and_process_count(tmp_path):
+    a, b = _scaling_doc(), _scaling_doc(cpu2_tokens=2400.0)  # the 2-process row lost 20%
+    rows, regressions = report.compare(a, b, 0.05)
+    by_name = {r["backend"]: r for r in rows}
+    assert list(by_name) == ["cpu", "cpu (nproc 2)", "fake-accel", "fake-accel (nproc 2)"]
+    assert by_name["cpu"]["ratios"]["tokens/s"] == pytest.approx(1.0)
+    assert by_name["cpu (nproc 2)"]["ratios"]["tokens/s"] == pytest.approx(0.8)
+    assert regressions == ["cpu (nproc 2): tokens/s x0.800 (beyond 0.05)", "cpu (nproc 2): step time x1.250 (beyond 0.05)"]
+    # a run without the 2-process rows: they are missing in B, not matched with the 1-process ones
+    one = make_doc([finished_row("cpu", tokens_per_s=2000.0, losses=[3.0, 2.0])])
+    rows, regressions = report.compare(a, one, 0.05)
+    assert [(r["backend"], r["b_status"]) for r in rows][:2] == [("cpu", "ok"), ("cpu (nproc 2)", "missing")]
+    assert "cpu (nproc 2): finished in A, missing in B" in regressions
