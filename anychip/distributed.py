@@ -156,7 +156,8 @@ def init_distributed(backend=None, *, timeout: float | None = None) -> Layout:
     selected one): a torch process group (nccl / neuron / xla / gloo, as the backend says)
     under torchrun, ``jax.distributed.initialize()`` for the jax backends. A no-op (returning
     the single-process layout) when nothing launched this process as part of a group; safe to
-    call twice."""
+    call twice. ``timeout`` (seconds) bounds every collective; it is stored in
+    ``ANYCHIP_DIST_TIMEOUT``, which processes started from this one inherit."""
     from anychip.backends import backend as select
     from anychip.backends.base import Backend
 
