@@ -9,6 +9,8 @@ import pytest
 import anychip as ac
 from anychip import distributed
 
+from support import requires
+
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", distributed.TIMEOUT_ENV)
 
@@ -72,3 +74,13 @@ def test_timeout_reaches_the_process_group(monkeypatch):
 
 def test_alone_main_outcome_passes_the_message_through():
     assert distributed.main_outcome(None) is None and distributed.main_outcome("disk full") == "disk full"
+
+
+@requires("jax", "torchax", "optax")
+def test_a_jax_step_under_torchrun_without_jax_distributed_is_refused(monkeypatch):
+    from anychip import workloads
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    w = workloads.get("mlp")
+    with pytest.raises(ac.DistributedError, match="torchrun started 2 processes but jax:cpu sees 1; jax backends join through jax.distributed"):
+        ac.TrainStep(w.build(), w.loss_fn, backend="jax:cpu")

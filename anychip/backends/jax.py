@@ -609,12 +609,21 @@ class JaxEngine:
         import numpy as np
         import torch
 
+        from anychip import distributed
         from anychip.step import call_loss
 
         self.backend, self.spec = backend, spec
         # Joins jax.distributed if launched so: before anything below (torchax's environment
         # makes a PRNG key) starts JAX, after which initialize() is refused.
         n = len(backend.devices)
+        launched = distributed.launched_world_size()
+        if launched is not None and launched > 1 and backend.processes != launched:
+            # torchrun's variables mean nothing to JAX: each process would train alone on its mesh.
+            raise distributed.DistributedError(
+                f"torchrun started {launched} processes but {backend.name} sees {backend.processes}; jax backends join "
+                "through jax.distributed: start one process per host with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+                "and JAX_PROCESS_ID set instead of torchrun"
+            )
         model = spec.model
         if spec.policy.param_dtype != "fp32":
             model = model.to(spec.policy.torch_dtype("param"))  # as TorchEngine: stored in bf16
