@@ -9,14 +9,10 @@ import sys
 
 import pytest
 
+from anychip.bench.runner import LAUNCH_ENV  # a launcher's variables: none may leak in from the shell running the tests
 from anychip.cli import main
 
 DESIGN_BACKENDS = {"cpu", "cuda", "neuron", "neuron-xla", "jax:tpu", "jax:gpu", "jax:cpu"}
-
-
-# What torchrun sets in every worker; none of it may leak in from the shell running the tests.
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "JAX_COORDINATOR_ADDRESS",
-              "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def run(*args, env=None):

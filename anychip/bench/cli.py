@@ -138,10 +138,11 @@ def register(subparsers) -> None:
 # -- checking the request -----------------------------------------------------------------
 
 
-def plan_backends(selection: str) -> list[tuple[str, object]]:
-    """``(name, Availability)`` per row, in run order. auto: every available backend that the
-    built-in table lists (plus plug-ins registered with auto=True), by priority; all: every
-    registered backend; otherwise the names given, in the order given."""
+def plan_backends(selection: str) -> tuple[list[tuple[str, object]], str]:
+    """``(name, Availability)`` per backend, in run order, and how they were chosen: ``auto``
+    (every available backend that the built-in table lists, plus plug-ins registered with
+    auto=True, by priority), ``all`` (every registered backend) or ``named`` (the names given,
+    in the order given)."""
     import difflib
 
     from anychip.backends import ALIASES, REGISTRY, registrations
@@ -155,7 +156,7 @@ def plan_backends(selection: str) -> list[tuple[str, object]]:
             found = [(n, a) for n, a in found if a.available]
             if not found:
                 raise UsageError("no backend is available (is torch installed?); see 'anychip devices'")
-        return found
+        return found, selection
     names = [n.strip() for n in selection.split(",")]
     if any(not n for n in names):
         raise UsageError(f"--backends: empty name in {selection!r}")
@@ -176,7 +177,7 @@ def plan_backends(selection: str) -> list[tuple[str, object]]:
         if name in (n for n, _ in planned):
             raise UsageError(f"--backends: {name!r} is listed twice")
         planned.append((name, avail))
-    return planned
+    return planned, "named"
 
 
 # Backends that run in one process whatever --nproc says: JAX drives every local device from
@@ -189,9 +190,10 @@ def one_process_backends() -> frozenset[str]:
 
 
 def plan_rows(planned: list[tuple[str, object]], nprocs: list[int], explicit: bool) -> tuple[list[tuple[str, object, int]], list[str]]:
-    """``(name, Availability, nproc)`` per row, each backend at each count in turn, and the
-    backends left at one process. A one-process backend named explicitly while --nproc has
-    no 1 is bad input; picked by auto/all it is left out with a note."""
+    """``(name, Availability, nproc)`` per row, each backend at each count in turn (an
+    unavailable one once, at the first count: it has nothing to scale), and the backends left
+    at one process. A one-process backend named explicitly while --nproc has no 1 is bad input;
+    picked by auto/all it is left out with a note."""
     single = one_process_backends()
     rows, left = [], []
     for name, avail in planned:
@@ -204,7 +206,7 @@ def plan_rows(planned: list[tuple[str, object]], nprocs: list[int], explicit: bo
                     f"--nproc {','.join(map(str, nprocs))}: {name} runs in one process (JAX drives every local device "
                     "itself; torchrun cannot launch it); add 1 to --nproc or leave it out of --backends"
                 )
-        rows += [(name, avail, n) for n in counts]
+        rows += [(name, avail, n) for n in (counts if avail.available else counts[:1])]
     if not rows:
         raise UsageError(f"--nproc {','.join(map(str, nprocs))}: none of the selected backends runs under torchrun; add 1 to --nproc")
     return rows, left
@@ -261,9 +263,8 @@ def cmd_bench(args) -> int:
         workload = workloads.get(args.workload)
     except (TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None
-    planned = plan_backends(args.backends)
-    explicit = args.backends.strip().lower() not in ("auto", "all")
-    row_plan, one_process = plan_rows(planned, args.nproc, explicit)
+    planned, chosen_by = plan_backends(args.backends)
+    row_plan, one_process = plan_rows(planned, args.nproc, explicit=chosen_by == "named")
     precision = policy(args.precision).name if args.precision is not None else _default_precision(planned)
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
         _check_output(flag, path)
@@ -321,13 +322,13 @@ def cmd_bench(args) -> int:
                 print(f"anychip bench: error: {flag} {path}: {exc.strerror or exc}", file=sys.stderr)
     if interrupted:
         return 130
-    tolerated = {"unavailable"} if args.backends.strip().lower() == "all" else set()
+    tolerated = {"unavailable"} if chosen_by == "all" else set()
     bad = [r for r in rows if r["status"] != "ok" and r["status"] not in tolerated]
     return 1 if bad or failed_writes or invalid else 0
 
 
 def _command(args, config) -> list[str]:
-    """The command that reproduces this run, every default spelt out."""
+    """The command that reproduces this run, every default spelt out but one process per row."""
     cmd = ["anychip", "bench", "--workload", args.workload, "--backends", args.backends, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(config["batch"]), "--seq", str(config["seq"]),
            "--precision", config["precision"], "--kernels", args.kernels, "--seed", str(args.seed),
@@ -336,9 +337,8 @@ def _command(args, config) -> list[str]:
         cmd += ["--price", f"{name}={usd:g}"]
     for name, tflops in args.peak_tflops:
         cmd += ["--peak-tflops", f"{tflops:g}" if name == "*" else f"{name}={tflops:g}"]
-    cmd += ["--nproc", ",".join(map(str, config["nproc"]))]
-    if config["parallel"]:
-        cmd += ["--parallel", config["parallel"]]
+    if config["nproc"] != [1]:  # config["parallel"] is set exactly then
+        cmd += ["--nproc", ",".join(map(str, config["nproc"])), "--parallel", config["parallel"]]
     for flag in ("json", "csv", "md", "plot"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]

@@ -124,15 +124,20 @@ def loss_parity(losses: Sequence[float | None], reference: Sequence[float | None
 ROW_STATUSES = ("ok", "failed", "crashed", "timeout", "interrupted", "unavailable", "skipped")
 
 
+def row_world_size(row: dict) -> int:
+    """The row's process count; documents from before --nproc have no world_size: 1."""
+    return row.get("world_size") or 1
+
+
 def row_label(row: dict) -> str:
     """How a row is named in notes, parity and comparisons: the backend, plus the process count
     when it is more than one ("cpu (nproc 2)"). A row is identified by (backend, world size)."""
-    world = row.get("world_size") or 1  # documents from before --nproc have no world_size: 1
+    world = row_world_size(row)
     return row["backend"] if world == 1 else f"{row['backend']} (nproc {world})"
 
 
 def row_key(row: dict) -> tuple[str, int]:
-    return row["backend"], row.get("world_size") or 1
+    return row["backend"], row_world_size(row)
 
 
 def empty_row(backend: str, status: str, error: str | None, precision: str, *, world_size: int = 1, parallel: str | None = None) -> dict:
@@ -213,8 +218,6 @@ def finish_row(
     losses = [float(x) if x is not None and math.isfinite(float(x)) else None for x in measured["losses"]]
     summary = step_time_summary(times)
     devices_used = int(measured.get("devices_used") or 1)
-    # --peak-tflops is the peak of the devices one process drives; a run of N processes on
-    # distinct devices has N times that (on shared devices, as often as there are devices).
     per_process = int(measured.get("devices_per_process") or devices_used)
     if measured.get("layout") is not None:
         row["layout"] = dict(measured["layout"])
@@ -250,16 +253,21 @@ def finish_row(
         final_loss=losses[-1] if losses else None,
         cpu_threads=measured.get("cpu_threads"),
     )
-    # Peak: --peak-tflops (per backend / device kind, or for every row) beats the backend's own
-    # figure from anychip.bench.peaks; it is the peak of the devices the row uses.
+    # Peak of the devices one process drives: --peak-tflops (per backend / device kind, or for
+    # every row) beats the backend's own figure from anychip.bench.peaks. The row's peak is that
+    # of the devices it uses: N processes on distinct devices have N times it (on shared
+    # devices, as often as there are devices).
     given = _override(peak_tflops, row["backend"], row["device_kind"])
+    process_peak = None
     if given is not None:
-        row["peak_flops"] = given[1] * 1e12 * devices_used / per_process
+        process_peak = given[1] * 1e12
         row["peak_flops_source"] = "--peak-tflops " + (f"{given[1]:g}" if given[0] == "*" else f"{given[0]}={given[1]:g}")
     elif measured.get("peak_flops"):
-        row["peak_flops"] = float(measured["peak_flops"])
+        process_peak = float(measured["peak_flops"])
         peak = peaks.lookup(row["device_kind"])
         row["peak_flops_source"] = peak.source if peak else "backend.peak_flops()"
+    if process_peak is not None:
+        row["peak_flops"] = process_peak * devices_used / per_process
     row["mfu"] = mfu(tokens_s, row["flops_per_token"], row["peak_flops"])
 
     quote = prices.quote(row["backend"], row["device_kind"], price_overrides)
@@ -278,7 +286,7 @@ def add_parity(rows: list[dict], tolerance: float) -> None:
     finished = [r for r in rows if r["status"] == "ok" and r["losses"]]
     references: dict[int, dict] = {}
     for row in finished:
-        ref = references.setdefault(row.get("world_size") or 1, row)
+        ref = references.setdefault(row_world_size(row), row)
         row["parity"] = loss_parity(row["losses"], ref["losses"], tolerance, row_label(ref)).as_dict()
 
 
@@ -292,9 +300,9 @@ def scaling_efficiency(tokens_per_s: float | None, world_size: int, baseline_tok
 def add_scaling(rows: list[dict]) -> None:
     """Set ``scaling_efficiency`` of every finished multi-process row against the finished
     1-process row of the same backend (None where there is none; None on 1-process rows)."""
-    baseline = {r["backend"]: r for r in rows if (r.get("world_size") or 1) == 1 and r["status"] == "ok"}
+    baseline = {r["backend"]: r for r in rows if row_world_size(r) == 1 and r["status"] == "ok"}
     for row in rows:
-        world = row.get("world_size") or 1
+        world = row_world_size(row)
         base = baseline.get(row["backend"])
         ok = world > 1 and row["status"] == "ok" and base is not None
         row["scaling_efficiency"] = scaling_efficiency(row["tokens_per_s"], world, base["tokens_per_s"]) if ok else None

@@ -17,7 +17,7 @@ import socket
 from anychip.backends.probe import cpu_name
 
 from anychip.bench import schema
-from anychip.bench.metrics import row_key, row_label
+from anychip.bench.metrics import row_key, row_label, row_world_size
 
 # -- the document ----------------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ def fmt_versions(row: dict) -> str:
 
 
 def fmt_procs(row: dict) -> str:
-    world = row.get("world_size") or 1
+    world = row_world_size(row)
     return str(world) if world == 1 else f"{world} {row.get('parallel') or '?'}"
 
 
@@ -134,7 +134,7 @@ def fmt_scaling(row: dict) -> str:
 
 def fmt_layout(row: dict) -> str:
     """One line on how a multi-process row ran, from rank 0's layout."""
-    lay, world = row.get("layout"), row.get("world_size") or 1
+    lay, world = row.get("layout"), row_world_size(row)
     where = ""
     if lay:
         where = f"{lay['engine'] or 'no launcher'}, {lay['nodes']} node(s) x {lay['local_world_size']} process(es)"
@@ -146,7 +146,7 @@ def fmt_layout(row: dict) -> str:
 
 def multi_process(doc: dict) -> bool:
     """Whether the run has rows of more than one process (the scaling columns are shown)."""
-    return any((r.get("world_size") or 1) > 1 for r in doc["rows"]) or (doc["config"].get("nproc") or [1]) != [1]
+    return any(row_world_size(r) > 1 for r in doc["rows"]) or (doc["config"].get("nproc") or [1]) != [1]
 
 
 # (header, cell) for the terminal table and Markdown; the JSON carries more.
@@ -205,7 +205,7 @@ def notes(doc: dict) -> list[str]:
         out.append("peak mem: " + ", ".join(sources) + caveat)
     if multi_process(doc):
         for r in doc["rows"]:
-            if (r.get("world_size") or 1) > 1:
+            if row_world_size(r) > 1:
                 out.append(fmt_layout(r))
                 used = r["devices_used"]
                 if r["status"] == "ok" and used and used < r["world_size"]:
@@ -215,7 +215,8 @@ def notes(doc: dict) -> list[str]:
                     )
         threads = [f"{row_label(r)} {r['cpu_threads']}" for r in doc["rows"] if r.get("cpu_threads")]
         if threads:
-            out.append("CPU threads per process: " + ", ".join(threads) + " (torchrun sets OMP_NUM_THREADS=1 per process when it is unset)")
+            out.append("CPU threads per process: " + ", ".join(threads)
+                       + " (an N-process row gets OMP_NUM_THREADS = CPUs // N when it is unset)")
         for name in doc["config"].get("one_process_backends") or []:
             out.append(f"{name}: one process only: --nproc launches torch backends through torchrun; "
                        f"{name} drives every local device from one process")
@@ -289,7 +290,7 @@ def csv_record(row: dict) -> dict:
         parity_reference=par.get("reference"), parity_max_rel_diff=par.get("max_rel_diff"),
         parity_first_step_over=par.get("first_step_over"), usd_per_device_hour=price.get("usd_per_device_hour"),
         versions=";".join(f"{k}={v}" for k, v in row["versions"].items()),
-        world_size=row.get("world_size") or 1, nodes=(row.get("layout") or {}).get("nodes"),
+        world_size=row_world_size(row), nodes=(row.get("layout") or {}).get("nodes"),
     )
     return {k: ("" if flat.get(k) is None else flat[k]) for k in CSV_FIELDS}
 

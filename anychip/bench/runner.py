@@ -105,14 +105,27 @@ class Outcome:
 # -- the child ----------------------------------------------------------------------------------
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive: another user's process (the pid was reused)
+        pass
+    return False
+
+
 def _watch_parent() -> None:
-    """Exit when the parent goes away (killed with SIGKILL, say): a hung child must not outlive
-    the run that started it. It leads its own session, so nothing else would stop it."""
+    """Exit when the parent or the bench goes away (killed with SIGKILL, say): a hung child must
+    not outlive the run that started it. It leads its own session, so nothing else would stop
+    it. Under torchrun a rank's parent is torchrun, which watches nothing: the ranks watch the
+    bench (``$ANYCHIP_BENCH_PARENT``) and exit, and torchrun follows its failed workers."""
     parent = os.getppid()
+    bench = int(os.environ.get(BENCH_PID_ENV) or 0)
 
     def watch():
         while True:
-            if os.getppid() != parent:
+            if os.getppid() != parent or (bench and _gone(bench)):
                 os._exit(1)
             time.sleep(1.0)
 
@@ -200,15 +213,14 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     # The losses are read after the clock stopped: StepOutput keeps them on the device, so
     # recording every step's loss costs the timed loop nothing.
     losses = [out.loss for out in outputs]
-    peak = backend.peak_flops(spec.precision)  # of the devices one process drives
+    # Of the devices one process drives; finish_row scales it to the devices the row uses.
+    peak = backend.peak_flops(spec.precision)
     per_process = backend.devices_in_use
     # Devices the whole run uses: N processes x the devices each drives, but no more than the
     # machine has (N processes on one CPU share that one CPU; MFU and cost count it once).
     devices_used = per_process * world
     if world > 1 and backend.device_count:
         devices_used = min(devices_used, backend.device_count)
-    if peak and world > 1:
-        peak = peak * devices_used / per_process
     layout = distributed.layout().as_dict()  # with the process group up: what torch.distributed says
     if world > 1:
         import torch.distributed as dist
@@ -224,7 +236,7 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         "parallel": spec.parallel,
         "layout": layout,
         # On a CPU the intra-op threads per process decide what N processes can gain over one
-        # (torchrun sets OMP_NUM_THREADS=1 per rank when it is unset).
+        # (an N-process row gets OMP_NUM_THREADS = CPUs // N when it is unset: _child_env).
         "cpu_threads": torch.get_num_threads() if getattr(backend, "device_type", None) == "cpu" else None,
         "versions": versions,
         "setup_s": setup_s,
@@ -296,11 +308,15 @@ LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RAN
 # and kill all of them: torchrun starts each worker in a session of its own, out of reach of
 # the launcher's process group (torch/distributed/elastic/multiprocessing/subprocess_handler).
 RUN_ENV = "ANYCHIP_BENCH_RUN"
+# The bench's pid, which every process of a row watches (_watch_parent).
+BENCH_PID_ENV = "ANYCHIP_BENCH_PARENT"
 
 
-def _child_env(token: str) -> dict[str, str]:
+def _child_env(token: str, nproc: int = 1) -> dict[str, str]:
     """The parent's environment, with this anychip and the plug-in modules importable, no
-    launcher variables, and the row's token."""
+    launcher variables, the row's token and the bench's pid. An N-process row without
+    OMP_NUM_THREADS gets CPUs // N intra-op threads per process: torchrun would give each
+    rank 1, while the 1-process row it is compared with uses every core."""
     import anychip
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("TORCHELASTIC_")}
@@ -308,6 +324,9 @@ def _child_env(token: str) -> dict[str, str]:
     existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + existing))
     env[RUN_ENV] = token
+    env[BENCH_PID_ENV] = str(os.getpid())
+    if nproc > 1 and "OMP_NUM_THREADS" not in env:  # torchrun keeps a value already set
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     return env
 
 
@@ -338,7 +357,7 @@ def _kill_all(proc: subprocess.Popen, token: str) -> None:
     own = os.getpgrp()
     groups = {proc.pid}
     for _ in range(3):  # again, for anything started while the first pass ran
-        pids = [p for p in _processes_of(token) if p != os.getpid()]
+        pids = _processes_of(token)
         for pid in pids:
             try:
                 groups.add(os.getpgid(pid))
@@ -365,7 +384,7 @@ def _tail(log) -> list[str]:
     return [line for line in lines if line.strip()][-LOG_TAIL_LINES:]
 
 
-def _describe_exit(code: int) -> str:
+def _describe_exit(code: int, nproc: int = 1) -> str:
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -373,6 +392,8 @@ def _describe_exit(code: int) -> str:
             name = f"signal {-code}"
         hint = " (out of memory?)" if -code == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
+    if nproc > 1:  # torchrun's own status says only that a worker failed, not how
+        return f"torchrun exited with status {code}: a rank failed (see the log tail)"
     return f"exited with status {code}"
 
 
@@ -413,7 +434,7 @@ def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path:
     try:
         proc = subprocess.Popen(
             launch_command(spec, path), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, env=_child_env(token),
+            start_new_session=True, env=_child_env(token, spec.nproc),
         )
     except OSError as exc:
         log.close()
@@ -479,7 +500,7 @@ def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path:
                     outcome.status = "failed"
                 else:
                     outcome.status = "crashed"
-                    outcome.error = f"{_describe_exit(outcome.exit_code)} (last progress: {last_step})"
+                    outcome.error = f"{_describe_exit(outcome.exit_code, spec.nproc)} (last progress: {last_step})"
                 if outcome.status != "ok":
                     outcome.log_tail = _tail(log)
     except KeyboardInterrupt:

@@ -85,17 +85,21 @@ def test_bench_refuses_to_run_inside_a_launch(monkeypatch, no_runs):
 
 
 def test_rows_per_process_count_with_jax_at_one_process_only(fakes):
-    planned = bench_cli.plan_backends("cpu,jax:cpu,fake-accel")
+    planned, chosen_by = bench_cli.plan_backends("cpu,jax:cpu,fake-accel,fake-missing")
+    assert chosen_by == "named"
     rows, left = bench_cli.plan_rows(planned, [1, 2, 4], explicit=True)
-    assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("cpu", 2), ("cpu", 4), ("jax:cpu", 1), ("fake-accel", 1), ("fake-accel", 2), ("fake-accel", 4)]
+    # an unavailable backend is one row (at the first count), not one per count
+    assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("cpu", 2), ("cpu", 4), ("jax:cpu", 1), ("fake-accel", 1), ("fake-accel", 2),
+                                                  ("fake-accel", 4), ("fake-missing", 1)]
     assert left == ["jax:cpu"]
     rows, left = bench_cli.plan_rows(planned, [1], explicit=True)  # the default: one row per backend, nothing left out
-    assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("jax:cpu", 1), ("fake-accel", 1)] and left == []
+    assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("jax:cpu", 1), ("fake-accel", 1), ("fake-missing", 1)] and left == []
     # picked by auto/all, a jax backend without a 1 in --nproc is left out with a note, not an error
-    rows, left = bench_cli.plan_rows(planned, [2], explicit=False)
-    assert [(name, n) for name, _, n in rows] == [("cpu", 2), ("fake-accel", 2)] and left == ["jax:cpu"]
+    rows, left = bench_cli.plan_rows(planned, [2, 4], explicit=False)
+    assert [(name, n) for name, _, n in rows] == [("cpu", 2), ("cpu", 4), ("fake-accel", 2), ("fake-accel", 4), ("fake-missing", 2)]
+    assert left == ["jax:cpu"]
     with pytest.raises(UsageError, match="none of the selected backends runs under torchrun"):
-        bench_cli.plan_rows(bench_cli.plan_backends("jax:cpu"), [2], explicit=False)
+        bench_cli.plan_rows(bench_cli.plan_backends("jax:cpu")[0], [2], explicit=False)
 
 
 def test_unwritable_output_path(tmp_path, no_runs):
@@ -116,22 +120,24 @@ def test_defaults_without_arguments():
 
     args = build_parser().parse_args(["bench"])
     assert (args.workload, args.backends, args.steps, args.warmup, args.precision) == ("gpt-tiny", "auto", 50, 5, None)
-    planned = bench_cli.plan_backends("auto")
-    assert "cpu" in [n for n, _ in planned] and all(a.available for _, a in planned)
+    planned, chosen_by = bench_cli.plan_backends("auto")
+    assert chosen_by == "auto" and "cpu" in [n for n, _ in planned] and all(a.available for _, a in planned)
 
 
 def test_auto_all_and_explicit_selection(fakes):
-    auto = [n for n, _ in bench_cli.plan_backends("auto")]
+    auto = [n for n, _ in bench_cli.plan_backends("auto")[0]]
     assert not any(n.startswith("fake-") for n in auto)  # test fakes are never auto-selected
-    every = dict(bench_cli.plan_backends("all"))
+    every, chosen_by = bench_cli.plan_backends(" ALL ")
+    every = dict(every)
+    assert chosen_by == "all"
     assert every["fake-missing"].available is False and "cpu" in every
-    explicit = bench_cli.plan_backends("fake-accel, CPU")
-    assert [n for n, _ in explicit] == ["fake-accel", "cpu"]
+    explicit, chosen_by = bench_cli.plan_backends("fake-accel, CPU")
+    assert [n for n, _ in explicit] == ["fake-accel", "cpu"] and chosen_by == "named"
 
 
 def test_default_precision(fakes):
-    assert bench_cli._default_precision(bench_cli.plan_backends("cpu")) == "fp32"
-    assert bench_cli._default_precision(bench_cli.plan_backends("cpu,fake-accel")) == "bf16"
+    assert bench_cli._default_precision(bench_cli.plan_backends("cpu")[0]) == "fp32"
+    assert bench_cli._default_precision(bench_cli.plan_backends("cpu,fake-accel")[0]) == "bf16"
 
 
 def test_print_schema():
@@ -139,3 +145,13 @@ def test_print_schema():
 
     code, out, _ = run_cli("bench", "--print-schema")
     assert code == 0 and json.loads(out)["properties"]["schema_version"] == {"const": 1}
+
+
+def test_the_reproducing_command_names_nproc_only_for_several_processes():
+    from anychip.cli import build_parser
+
+    config = {"batch": 64, "seq": 1, "precision": "fp32", "parity_tolerance": 1e-3, "nproc": [1], "parallel": None}
+    plain = bench_cli._command(build_parser().parse_args(["bench"]), config)
+    assert "--nproc" not in plain and "--parallel" not in plain
+    scaled = bench_cli._command(build_parser().parse_args(["bench", "--nproc", "2,1"]), {**config, "nproc": [1, 2], "parallel": "ddp"})
+    assert scaled[-4:] == ["--nproc", "1,2", "--parallel", "ddp"]

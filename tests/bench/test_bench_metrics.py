@@ -216,6 +216,11 @@ def test_several_processes_count_their_devices_for_mfu_and_cost():
     assert row["peak_flops"] == pytest.approx(4e10)
     assert row["mfu"] == pytest.approx(1e10 / 4e10)
     assert row["usd_per_hour"] == pytest.approx(4 * 6.88)
+    # the backend's own peak arrives as that of one process and is scaled the same way, once
+    row = metrics.empty_row("cuda", "ok", None, "bf16", world_size=4, parallel="ddp")
+    metrics.finish_row(row, _measured(device_kind="NVIDIA H100 80GB HBM3", devices=8, devices_used=4, devices_per_process=1,
+                                      peak_flops=989.4e12), warmup=1)
+    assert row["peak_flops"] == pytest.approx(4 * 989.4e12) and row["mfu"] == pytest.approx(1e10 / (4 * 989.4e12))
     # 2 ranks sharing the one CPU: the child reports 1 device used, so the peak is counted once
     shared = metrics.finish_row(metrics.empty_row("cpu", "ok", None, "fp32", world_size=2, parallel="ddp"),
                                 _measured(devices_used=1, devices_per_process=1), warmup=1, peak_tflops={"*": 0.05})

@@ -22,11 +22,10 @@ pytestmark = [
     pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc"),
 ]
 HERE = os.path.dirname(os.path.abspath(__file__))
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _bench(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    clean = {k: v for k, v in os.environ.items() if k not in runner.LAUNCH_ENV}
     return subprocess.run([sys.executable, "-m", "anychip.cli", "bench", *argv], capture_output=True, text=True,
                           timeout=300, env={**clean, **(env or {})})
 
@@ -79,10 +78,10 @@ def test_nproc_1_2_on_the_cpu(tmp_path):
     assert two["tokens_per_s"] == pytest.approx(two["tokens_per_step"] * window["steps"] / window["seconds"])
     assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]), rel=1e-12)
     assert one["scaling_efficiency"] is None
-    # two processes on one CPU: one device, counted once for MFU and cost; torchrun gives each
-    # rank one intra-op thread unless OMP_NUM_THREADS says otherwise
+    # two processes on one CPU: one device, counted once for MFU and cost; each rank gets half
+    # the CPUs as intra-op threads unless OMP_NUM_THREADS says otherwise
     assert two["devices_used"] == 1
-    assert two["cpu_threads"] == int(os.environ.get("OMP_NUM_THREADS", "1")) and one["cpu_threads"] >= 1
+    assert two["cpu_threads"] == int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() // 2)) and one["cpu_threads"] >= 1
     assert "CPU threads per process: cpu " in done.stdout
 
     # different global batches: no loss comparison across process counts
@@ -100,10 +99,10 @@ def test_nproc_1_2_on_the_cpu(tmp_path):
     assert two["losses"] == pytest.approx(single["losses"], rel=1e-5)
 
 
-def test_ctrl_c_stops_every_rank_of_a_torchrun_row(tmp_path):
-    marker = tmp_path / "hung.pids"
-    out = tmp_path / "b.json"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+def _hung_torchrun_bench(marker, out) -> tuple[subprocess.Popen, list[int]]:
+    """A bench whose one row (fake-hang, 2 processes) has both ranks stuck in a step; the
+    ranks' pids. Every process of the run carries ANYCHIP_FAKE_HANG_MARKER=<marker>."""
+    env = {k: v for k, v in os.environ.items() if k not in runner.LAUNCH_ENV}
     env.update(ANYCHIP_FAKE_HANG_MARKER=str(marker), ANYCHIP_PLUGINS="anychip_bench_fakes",
                PYTHONPATH=os.pathsep.join([HERE, env.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
@@ -111,13 +110,29 @@ def test_ctrl_c_stops_every_rank_of_a_torchrun_row(tmp_path):
          "--backends", "fake-hang", "--nproc", "2", "--json", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if marker.exists() and len(marker.read_text().split()) == 2:
+            break
+        time.sleep(0.1)
+    ranks = [int(p) for p in marker.read_text().split()] if marker.exists() else []
+    return proc, ranks
+
+
+def _kill_leftovers(entry: str) -> None:
+    """What a failed test left running (the hanging ranks sleep 120 s)."""
+    for pid in _live_with_env(entry):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ctrl_c_stops_every_rank_of_a_torchrun_row(tmp_path):
+    marker = tmp_path / "hung.pids"
+    out = tmp_path / "b.json"
+    proc, ranks = _hung_torchrun_bench(marker, out)
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if marker.exists() and len(marker.read_text().split()) == 2:
-                break
-            time.sleep(0.1)
-        ranks = [int(p) for p in marker.read_text().split()] if marker.exists() else []
         assert len(ranks) == 2, "both ranks should be stuck in the hanging step"
         assert all(_alive(p) for p in ranks)
         proc.send_signal(signal.SIGINT)
@@ -132,6 +147,44 @@ def test_ctrl_c_stops_every_rank_of_a_torchrun_row(tmp_path):
     # would leave them running. Every process that carries this run's environment is gone.
     assert not any(_alive(p) for p in ranks)
     assert _live_with_env(f"ANYCHIP_FAKE_HANG_MARKER={marker}") == []
+
+
+def test_a_sigkilled_bench_leaves_no_rank_running(tmp_path):
+    """SIGKILL gives the bench no chance to stop its row, and a rank's parent is torchrun, which
+    outlives it: the ranks watch the bench's pid ($ANYCHIP_BENCH_PARENT) and exit, and torchrun
+    follows its failed workers."""
+    marker = tmp_path / "hung.pids"
+    entry = f"ANYCHIP_FAKE_HANG_MARKER={marker}"
+    proc, ranks = _hung_torchrun_bench(marker, tmp_path / "b.json")
+    try:
+        assert len(ranks) == 2, "both ranks should be stuck in the hanging step"
+        proc.kill()
+        proc.wait()  # reaped: a zombie still answers kill(pid, 0)
+        deadline = time.monotonic() + 15  # the watch looks once a second; torchrun then stops
+        while _live_with_env(entry) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _live_with_env(entry) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_leftovers(entry)
+
+
+def test_n_process_rows_share_the_cpus_when_omp_num_threads_is_unset(monkeypatch):
+    """torchrun alone would give each rank 1 thread, while the 1-process row uses every core."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert "OMP_NUM_THREADS" not in runner._child_env("token", 1)  # torch's default: every core
+    assert runner._child_env("token", 2)["OMP_NUM_THREADS"] == "16"
+    assert runner._child_env("token", 64)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice holds for every row (torchrun keeps it too)
+    assert runner._child_env("token", 2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_failed_torchrun_row_says_a_rank_failed():
+    assert runner._describe_exit(1, nproc=2) == "torchrun exited with status 1: a rank failed (see the log tail)"
+    assert runner._describe_exit(1) == "exited with status 1"
+    assert runner._describe_exit(-signal.SIGKILL, nproc=2) == "killed by SIGKILL (out of memory?)"
 
 
 def test_a_kill_reaches_processes_in_other_sessions():
