@@ -27,41 +27,25 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @torch.library.custom_op("anychip::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int,
-    impl: str,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
+    chunk_size: int, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return torch_module(OP, impl).linear_cross_entropy_forward(
         hidden, weight, targets, ignore_index, reduction, chunk_size
     )
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, targets, ignore_index, reduction, chunk_size, impl):
-    dtype = _loss_dtype(hidden.dtype)
+    dtype = reference.loss_dtype(hidden.dtype)
     shape = (hidden.shape[0],) if reduction == "none" else ()
     return hidden.new_empty(shape, dtype=dtype), hidden.new_empty((hidden.shape[0],), dtype=dtype)
 
 
 @torch.library.custom_op("anychip::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward_op(
-    grad: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int,
-    impl: str,
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+    ignore_index: int, reduction: str, chunk_size: int, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return torch_module(OP, impl).linear_cross_entropy_backward(
         grad, hidden, weight, targets, lse, ignore_index, reduction, chunk_size
@@ -87,6 +71,19 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, grad_lse: torch.Tensor | None):
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def op_entry(impl: str) -> Callable[..., torch.Tensor]:
+    """The public ``linear_cross_entropy`` of an implementation file: its loss through the op."""
+
+    def linear_cross_entropy(
+        hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+        reduction: str = "mean", chunk_size: int = 1024,
+    ) -> torch.Tensor:
+        """Differentiable chunked loss through the ``anychip::linear_cross_entropy`` op."""
+        return linear_cross_entropy_op(hidden, weight, targets, ignore_index, reduction, chunk_size, impl)[0]
+
+    return linear_cross_entropy
 
 
 def default_chunk_size(n: int, vocab: int, dim: int) -> int:

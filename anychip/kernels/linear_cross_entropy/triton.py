@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 
 from anychip.kernels.launch import check_triton_device, next_power_of_2, num_warps
-from anychip.kernels.linear_cross_entropy.torch_chunked import reduce_losses, row_scale
+from anychip.kernels.linear_cross_entropy import op_entry
+from anychip.kernels.linear_cross_entropy.reference import reduce_losses, row_scale
+from anychip.kernels.linear_cross_entropy.torch_chunked import row_chunks
 
 # Columns per block of the vocabulary loop. Tests lower it to run several blocks on a small V.
 MAX_BLOCK_V = 8192
@@ -71,75 +73,51 @@ def _cross_entropy_backward_kernel(
         tl.store(grad_ptr + row * stride_grad + idx, (p * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(V: int) -> int:
-    return min(next_power_of_2(V), MAX_BLOCK_V)
+def _vocab_and_block(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """(V, BLOCK_V), once Triton is known to run on these tensors."""
+    check_triton_device("linear_cross_entropy", hidden, weight, targets)
+    V = weight.shape[0]
+    return V, min(next_power_of_2(V), MAX_BLOCK_V)
 
 
 def linear_cross_entropy_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_triton_device("linear_cross_entropy", hidden, weight, targets)
-    n, V = hidden.shape[0], weight.shape[0]
-    block_v = _block_v(V)
+    V, block_v = _vocab_and_block(hidden, weight, targets)
+    n = hidden.shape[0]
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     targets = targets.contiguous()
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        logits = hidden[start:end] @ weight.T
-        _cross_entropy_forward_kernel[(end - start,)](
-            logits, targets[start:end], lse[start:end], losses[start:end], V, logits.stride(0),
+    for rows in row_chunks(n, chunk_size):
+        logits = hidden[rows] @ weight.T
+        _cross_entropy_forward_kernel[(logits.shape[0],)](
+            logits, targets[rows], lse[rows], losses[rows], V, logits.stride(0),
             ignore_index, BLOCK_V=block_v, num_warps=num_warps(block_v),
         )
     return reduce_losses(losses, targets != ignore_index, reduction), lse
 
 
 def linear_cross_entropy_backward(
-    grad: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int,
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+    ignore_index: int, reduction: str, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_triton_device("linear_cross_entropy", hidden, weight, targets)
-    n, V = hidden.shape[0], weight.shape[0]
-    block_v = _block_v(V)
+    V, block_v = _vocab_and_block(hidden, weight, targets)
     targets = targets.contiguous()
     scale = row_scale(grad, targets != ignore_index, reduction, torch.float32).contiguous()
     lse = lse.contiguous()
     dhidden = torch.empty_like(hidden)
     # fp32 accumulator over chunks; each chunk's product is rounded to the matmul dtype first.
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        h = hidden[start:end]
+    for rows in row_chunks(hidden.shape[0], chunk_size):
+        h = hidden[rows]
         logits = h @ weight.T
-        _cross_entropy_backward_kernel[(end - start,)](
-            logits, logits, targets[start:end], lse[start:end], scale[start:end], V,
+        _cross_entropy_backward_kernel[(logits.shape[0],)](
+            logits, logits, targets[rows], lse[rows], scale[rows], V,
             logits.stride(0), logits.stride(0), BLOCK_V=block_v, num_warps=num_warps(block_v),
         )
-        dhidden[start:end] = logits @ weight
+        dhidden[rows] = logits @ weight
         dweight += logits.T @ h
     return dhidden, dweight.to(weight.dtype)
 
 
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Differentiable chunked loss through the ``anychip::linear_cross_entropy`` op."""
-    from anychip.kernels.linear_cross_entropy import linear_cross_entropy_op
-
-    return linear_cross_entropy_op(hidden, weight, targets, ignore_index, reduction, chunk_size, "triton")[0]
+linear_cross_entropy = op_entry("triton")
