@@ -57,6 +57,9 @@ class Availability:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"versions": dict(self.versions)}
 
 
+LAUNCHERS = ("torchrun", "jax.distributed")
+
+
 @dataclasses.dataclass(frozen=True)
 class Registration:
     """One backend, as data: how to probe it, how to build it, and where it sits in auto-detect."""
@@ -66,6 +69,9 @@ class Registration:
     priority: int  # higher is tried first by auto-detect
     auto: bool = True  # False: only ever used when asked for by name
     summary: str = ""
+    # How several processes are started: "torchrun" (one process per device), or
+    # "jax.distributed" (one process per host drives all its devices through a mesh).
+    launcher: str = "torchrun"
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip().lower():
@@ -74,6 +80,8 @@ class Registration:
             raise TypeError(f"priority of {self.name!r} must be an int")
         if not self.module or any(not part.isidentifier() for part in self.module.split(".")):
             raise ValueError(f"module of {self.name!r} must be an import path, got {self.module!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher of {self.name!r} must be one of {LAUNCHERS}, got {self.launcher!r}")
 
     def probe(self) -> Availability:
         # A probe that raises is a bug in the probe, but it must never break `anychip devices`.
@@ -88,11 +96,11 @@ class Registration:
 # reachable through JAX, so jax:tpu is auto-detected.
 REGISTRY: tuple[Registration, ...] = (
     Registration("cuda", "anychip.backends.cuda", 100, summary="PyTorch on NVIDIA GPUs"),
-    Registration("jax:tpu", "anychip.backends.jax", 95, summary="torch model traced to JAX via torchax, on TPU"),
+    Registration("jax:tpu", "anychip.backends.jax", 95, summary="torch model traced to JAX via torchax, on TPU", launcher="jax.distributed"),
     Registration("neuron", "anychip.backends.neuron", 90, summary="TorchNeuron (native torch-neuronx 2.13+), trn2/trn3"),
     Registration("neuron-xla", "anychip.backends.neuron_xla", 80, summary="torch_xla lazy tensors (torch-neuronx 2.9), trn1 or any PJRT device"),
-    Registration("jax:gpu", "anychip.backends.jax", 40, auto=False, summary="torch model traced to JAX via torchax, on GPU"),
-    Registration("jax:cpu", "anychip.backends.jax", 20, auto=False, summary="torch model traced to JAX via torchax, on CPU"),
+    Registration("jax:gpu", "anychip.backends.jax", 40, auto=False, summary="torch model traced to JAX via torchax, on GPU", launcher="jax.distributed"),
+    Registration("jax:cpu", "anychip.backends.jax", 20, auto=False, summary="torch model traced to JAX via torchax, on CPU", launcher="jax.distributed"),
     Registration("cpu", "anychip.backends.cpu", 10, summary="PyTorch on the CPU"),
 )
 

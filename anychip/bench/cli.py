@@ -180,13 +180,13 @@ def plan_backends(selection: str) -> tuple[list[tuple[str, object]], str]:
     return planned, "named"
 
 
-# Backends that run in one process whatever --nproc says: JAX drives every local device from
-# one process (a jax.sharding.Mesh), and torchrun cannot launch it. The jax family is the
-# registry's documented "jax" alias (anychip.backends.ALIASES).
+# Backends that run in one process whatever --nproc says: those whose registration launches
+# through jax.distributed drive every local device from one process (a jax.sharding.Mesh),
+# which torchrun cannot start.
 def one_process_backends() -> frozenset[str]:
-    from anychip.backends import ALIASES
+    from anychip.backends import registrations
 
-    return frozenset(ALIASES["jax"])
+    return frozenset(r.name for r in registrations() if r.launcher != "torchrun")
 
 
 def plan_rows(planned: list[tuple[str, object]], nprocs: list[int], explicit: bool) -> tuple[list[tuple[str, object, int]], list[str]]:

@@ -102,6 +102,19 @@ def test_rows_per_process_count_with_jax_at_one_process_only(fakes):
         bench_cli.plan_rows(bench_cli.plan_backends("jax:cpu")[0], [2], explicit=False)
 
 
+def test_a_plugin_registered_with_jax_distributed_runs_in_one_process(fakes):
+    from anychip.backends import Registration, register, unregister
+
+    register(Registration("fake-mesh", "anychip.backends.cpu", 1, auto=False, launcher="jax.distributed"))
+    try:
+        rows, left = bench_cli.plan_rows(bench_cli.plan_backends("cpu,fake-mesh")[0], [1, 2], explicit=True)
+    finally:
+        unregister("fake-mesh")
+    assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("cpu", 2), ("fake-mesh", 1)] and left == ["fake-mesh"]
+    with pytest.raises(ValueError, match="launcher of 'x' must be one of"):
+        Registration("x", "anychip.backends.cpu", 1, launcher="mpirun")
+
+
 def test_unwritable_output_path(tmp_path, no_runs):
     blocker = tmp_path / "file"
     blocker.write_text("")
