@@ -299,7 +299,8 @@ class TorchEngine:
         return model
 
     def _grad_sync(self, last: bool):
-        """Gradient accumulation: reduce across ranks after the last micro-batch only."""
+        """Gradient accumulation: reduce across ranks after the last micro-batch only (nothing
+        to do in a single process)."""
         if self.spec.parallel == "ddp" and not last:
             return self._net.no_sync()
         if self.spec.parallel == "fsdp":
@@ -335,7 +336,7 @@ class TorchEngine:
         # two steps on two backends in one process must not see each other's choice).
         with self._kernel_scope():
             for i, mb in enumerate(micro):
-                with self._grad_sync(i == len(micro) - 1) if spec.parallel else contextlib.nullcontext():
+                with self._grad_sync(i == len(micro) - 1):
                     with self._autocast():
                         loss = self._forward(mb)
                     check_loss(loss)
