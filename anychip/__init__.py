@@ -2,28 +2,32 @@
 
 Public names only; everything heavy is imported on first use.
 
-Note: ``anychip.backends`` below is the *function* listing backends (the public API in
-DESIGN.md); it shadows the ``anychip.backends`` package as an attribute, so reach the
-registry with from-imports (``from anychip.backends import register``), which always work.
+``ac.list_backends()`` lists the backends; ``ac.backends()`` is the same function under its
+first name. As an attribute of ``anychip`` it shadows the ``anychip.backends`` package, so
+reach the registry with from-imports (``from anychip.backends import register``).
 """
 
 from __future__ import annotations
 
-from anychip.checkpoint import (
+from anychip.backends import Availability, backend, backends, list_backends, reset
+from anychip.checkpoint import load, save
+from anychip.distributed import init_distributed, is_main_process
+from anychip.errors import (
+    BackendError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
     CheckpointVersionError,
-    load,
-    save,
+    DistributedError,
+    LossFunctionError,
+    NonFiniteLossError,
+    UnknownBackendError,
 )
-from anychip.distributed import DistributedError, init_distributed, is_main_process
-from anychip.backends import Availability, BackendError, UnknownBackendError, backend, backends, reset
 from anychip.optim import SGD, AdamW, Constant, WarmupCosine, WarmupLinear
 from anychip.precision import policy
-from anychip.step import LossFunctionError, NonFiniteLossError, StepOutput, TrainStep
-
-__version__ = "0.1.0"
+from anychip.engine import StepOutput
+from anychip.step import TrainStep
+from anychip.version import __version__
 
 __all__ = [
     "AdamW",
@@ -48,6 +52,7 @@ __all__ = [
     "backends",
     "init_distributed",
     "is_main_process",
+    "list_backends",
     "load",
     "policy",
     "reset",

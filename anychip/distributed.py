@@ -23,12 +23,10 @@ import os
 import re
 import sys
 
+from anychip.errors import DistributedError
+
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "ANYCHIP_DIST_TIMEOUT"
-
-
-class DistributedError(RuntimeError):
-    """Something between processes failed: a launch that is missing, a peer that died or hung."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +157,7 @@ def init_distributed(backend=None, *, timeout: float | None = None) -> Layout:
     call twice. ``timeout`` (seconds) bounds every collective; it is stored in
     ``ANYCHIP_DIST_TIMEOUT``, which processes started from this one inherit."""
     from anychip.backends import backend as select
-    from anychip.backends.base import Backend
+    from anychip.backends.contract import Backend
 
     be = backend if isinstance(backend, Backend) else select(backend)
     if timeout is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 import logging
 import subprocess
 import sys
@@ -11,10 +13,25 @@ import pytest
 
 import anychip as ac
 from anychip.backends import Availability, Registration, register, registrations, reset, unregister
-from anychip.backends import cuda as cuda_backend
-from anychip.backends import probe as facts
+from anychip.backends.facts import host as facts
+from anychip.backends.facts import tpu
+from anychip.backends.torch import cuda as cuda_backend
 
-DESIGN_BACKENDS = {"cpu", "cuda", "neuron", "neuron-xla", "jax:tpu", "jax:gpu", "jax:cpu"}
+def _readme_backends() -> set[str]:
+    """The backends of the README's support matrix (its first table), which must be exactly
+    the built-in registrations: the two are written separately and must not drift apart."""
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    table = readme.read_text().split("## Backends and what has been verified", 1)[1].split("\n\n")[1]
+    return {m for m in re.findall(r"^\| `([a-z:-]+)` \|", table, flags=re.M)}
+
+
+DESIGN_BACKENDS = _readme_backends()
+
+
+def test_the_readme_support_matrix_lists_exactly_the_built_in_backends():
+    from anychip.backends import REGISTRY
+
+    assert DESIGN_BACKENDS == {r.name for r in REGISTRY}
 
 
 # A test-only module standing in for a backend module: probe() + create().
@@ -26,7 +43,7 @@ class _FakeModule:
         return Availability(name, self.available, self.reason, devices=1, install="pip install fake-sdk")
 
     def create(self, availability):
-        from anychip.backends.cpu import CpuBackend
+        from anychip.backends.torch.cpu import CpuBackend
 
         backend = CpuBackend(availability)
         backend.name = availability.name
@@ -154,15 +171,15 @@ def test_jax_alias_resolves_in_documented_order(monkeypatch):
 
 def test_registration_is_validated():
     with pytest.raises(ValueError):
-        Registration("", "anychip.backends.cpu", 1)
+        Registration("", "anychip.backends.torch.cpu", 1)
     with pytest.raises(ValueError):
-        Registration("Upper", "anychip.backends.cpu", 1)
+        Registration("Upper", "anychip.backends.torch.cpu", 1)
     with pytest.raises(ValueError):
         Registration("x", "not a module", 1)
     with pytest.raises(TypeError):
-        Registration("x", "anychip.backends.cpu", 1.5)
+        Registration("x", "anychip.backends.torch.cpu", 1.5)
     with pytest.raises(ValueError, match="already registered"):
-        register(Registration("cpu", "anychip.backends.cpu", 1))
+        register(Registration("cpu", "anychip.backends.torch.cpu", 1))
 
 
 def test_a_probe_that_raises_is_reported_not_raised(monkeypatch):
@@ -207,11 +224,13 @@ def test_device_files_ignores_control_nodes(tmp_path):
     assert facts.device_files(str(tmp_path / "nvidia")) == [str(tmp_path / "nvidia0"), str(tmp_path / "nvidia1")]
 
 
-def test_pci_vendor_count(tmp_path):
-    for i, vendor in enumerate(("0x1ae0", "0x10de", "0x1ae0")):
+def test_tpu_chips_count_tpus_not_every_google_device(tmp_path):
+    # The gVNIC network card of a GCE VM shares Google's vendor id; only TPU device ids count.
+    for i, (vendor, device) in enumerate((("0x1ae0", "0x005e"), ("0x10de", "0x2330"), ("0x1ae0", "0x0042"))):
         (tmp_path / f"0000:00:0{i}.0").mkdir()
         (tmp_path / f"0000:00:0{i}.0" / "vendor").write_text(vendor + "\n")
-    assert facts.pci_vendor_present("0x1ae0", root=str(tmp_path)) == 2
+        (tmp_path / f"0000:00:0{i}.0" / "device").write_text(device + "\n")
+    assert tpu.tpu_chips(str(tmp_path)) == (1, "TPU v4", True)
 
 
 # -- probing never imports a heavy SDK -----------------------------------------------------------------

@@ -11,7 +11,9 @@ import pytest
 
 import anychip as ac
 from anychip.backends import jax as jb
-from anychip.backends import probe as facts
+from anychip.backends.facts import host as facts
+from anychip.backends.facts import tpu
+from anychip.backends.jax.backend import JaxBackend
 from support import requires
 
 
@@ -58,7 +60,7 @@ def test_explicit_request_without_jax_fails_loudly_with_the_install_command(monk
 
 def test_tpu_present_without_libtpu(monkeypatch, tmp_path, everything_installed):
     fake_pci(tmp_path, [("0x1ae0", "0x005e"), ("0x1ae0", "0x005e"), ("0x8086", "0x1234")])
-    monkeypatch.setattr(jb, "PCI_ROOT", str(tmp_path))
+    monkeypatch.setattr(tpu, "PCI_ROOT", str(tmp_path))
     monkeypatch.setattr(facts, "importable", lambda m: m != "libtpu")
     avail = jb.probe("jax:tpu")
     assert not avail.available
@@ -69,10 +71,10 @@ def test_tpu_present_without_libtpu(monkeypatch, tmp_path, everything_installed)
 
 def test_tpu_with_libtpu_is_available(monkeypatch, tmp_path, everything_installed):
     fake_pci(tmp_path, [("0x1ae0", "0x0063")] * 4)
-    monkeypatch.setattr(jb, "PCI_ROOT", str(tmp_path))
+    monkeypatch.setattr(tpu, "PCI_ROOT", str(tmp_path))
     avail = jb.probe("jax:tpu")
     assert avail.available and avail.devices == 4 and avail.device_kind == "TPU v5 lite"
-    from anychip.bench.peaks import peak_flops
+    from anychip.backends.facts.peaks import peak_flops
 
     assert peak_flops(avail.device_kind) == 197e12  # the kind names match the peak table
 
@@ -80,13 +82,13 @@ def test_tpu_with_libtpu_is_available(monkeypatch, tmp_path, everything_installe
 def test_google_nic_is_not_a_tpu(monkeypatch, tmp_path, everything_installed):
     # Every GCE VM has a gVNIC with Google's vendor id: the device id must be checked too.
     fake_pci(tmp_path, [("0x1ae0", "0x0042")])
-    monkeypatch.setattr(jb, "PCI_ROOT", str(tmp_path))
+    monkeypatch.setattr(tpu, "PCI_ROOT", str(tmp_path))
     avail = jb.probe("jax:tpu")
     assert not avail.available and "none of them a TPU" in avail.reason
 
 
 def test_no_tpu(monkeypatch, tmp_path, everything_installed):
-    monkeypatch.setattr(jb, "PCI_ROOT", str(tmp_path))
+    monkeypatch.setattr(tpu, "PCI_ROOT", str(tmp_path))
     avail = jb.probe("jax:tpu")
     assert not avail.available and "no TPU found" in avail.reason
 
@@ -114,7 +116,7 @@ def test_cpu_counts_forced_host_devices(monkeypatch, everything_installed):
 @requires("jax", "torchax", "optax")
 def test_registry_builds_a_jax_backend_and_the_alias_resolves_to_cpu_here():
     be = ac.backend("jax:cpu")
-    assert isinstance(be, jb.JaxBackend) and be.name == "jax:cpu" and be.platform == "cpu"
+    assert isinstance(be, JaxBackend) and be.name == "jax:cpu" and be.platform == "cpu"
     if not (jb.probe("jax:tpu").available or jb.probe("jax:gpu").available):
         assert ac.backend("jax") is be
     assert be.device_count >= 1 and be.device_kind == "cpu"

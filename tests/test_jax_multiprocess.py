@@ -223,7 +223,8 @@ def test_an_unreachable_coordinator_is_a_distributed_error_within_the_timeout():
 
 
 def test_a_malformed_launch_variable_is_a_distributed_error(monkeypatch):
-    from anychip.backends.jax import JaxBackend, probe
+    from anychip.backends.jax import probe
+    from anychip.backends.jax.backend import JaxBackend
     from anychip.distributed import DistributedError
 
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")

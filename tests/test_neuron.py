@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import anychip as ac
-from anychip.backends import neuron
-from anychip.backends import probe as facts
+from anychip.backends.facts import host as facts
+from anychip.backends.facts import neuron as neuron_facts
+from anychip.backends.torch import neuron
 
 # `neuron-ls --json-output` as documented (AWS Neuron SDK 2.33): a list of devices. No Trainium
 # is reachable here, so these follow the documented fields rather than a hardware capture.
@@ -39,7 +40,7 @@ def host(monkeypatch):
         monkeypatch.setattr(facts, "versions", lambda *ds: {d: versions[d] for d in ds if versions.get(d)})
         monkeypatch.setattr(facts, "device_files", lambda p: [f"/dev/neuron{i}" for i in range(nodes)])
         monkeypatch.setattr(facts, "run_tool", lambda argv, timeout=5.0: ls)
-        monkeypatch.setattr(neuron, "_chip_from_instance", lambda: product.split(".")[0] if product else "")
+        monkeypatch.setattr(neuron_facts, "_chip_from_instance", lambda: product.split(".")[0] if product else "")
 
     return make
 
@@ -53,10 +54,10 @@ def fake_torch_neuronx(monkeypatch):
 
 
 def test_lineage_from_version():
-    assert neuron.lineage("2.13.0") == "native"
-    assert neuron.lineage("2.14.1+abc") == "native"
-    assert neuron.lineage("2.9.0.2.11") == "xla"
-    assert neuron.lineage(None) is None
+    assert neuron_facts.lineage("2.13.0") == "native"
+    assert neuron_facts.lineage("2.14.1+abc") == "native"
+    assert neuron_facts.lineage("2.9.0.2.11") == "xla"
+    assert neuron_facts.lineage(None) is None
 
 
 def test_probe_trn2_native(host):
@@ -118,8 +119,8 @@ def test_backend_facts_with_fake_torch_neuronx(host, fake_torch_neuronx, monkeyp
     host()
     be = ac.backend("neuron")
     assert be.name == "neuron"
-    assert be.device_type == "neuron"  # also the autocast device type used by the torch engine
-    assert be.dist_backend == "neuron"
+    assert be.traits.device_type == "neuron"  # also the autocast device type used by the torch engine
+    assert be.traits.dist_backend == "neuron"
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
     be.compile(lambda: None)
@@ -142,7 +143,7 @@ def test_device_string_in_a_fresh_process():
         "fake = types.ModuleType('torch_neuronx')\n"
         "torch.utils.rename_privateuse1_backend('neuron')\n"
         "sys.modules['torch_neuronx'] = fake\n"
-        "from anychip.backends import neuron, Availability\n"
+        "from anychip.backends.registry import Availability\nfrom anychip.backends.torch import neuron\n"
         "be = neuron.create(Availability('neuron', True, 'fake', devices=1, device_kind='trn2 NeuronCore'))\n"
         "print(be.device)\n"
     )
@@ -174,7 +175,7 @@ def test_peak_flops_per_core_in_use(host, fake_torch_neuronx, monkeypatch, env, 
 def test_dynamic_shapes_warn_before_the_first_compile(host, fake_torch_neuronx, monkeypatch, caplog):
     import logging
 
-    from anychip.backends.base import NativeTorchBackend
+    from anychip.backends.torch.base import NativeTorchBackend
 
     host()
     be = ac.backend("neuron")

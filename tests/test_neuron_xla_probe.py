@@ -11,8 +11,9 @@ import sys
 import pytest
 
 import anychip as ac
-from anychip.backends import neuron, neuron_xla
-from anychip.backends import probe as facts
+from anychip.backends.facts import host as facts
+from anychip.backends.facts import neuron
+from anychip.backends.torch import neuron_xla
 
 # `neuron-ls --json-output` on a trn1.32xlarge, documented format: 16 chips x 2 NeuronCore-v2.
 TRN1_LS = json.dumps(

@@ -43,7 +43,7 @@ def batches(w, start: int, stop: int):
 
 def local_part(batch):
     """This rank's rows of a global batch: what a DistributedSampler would have handed it."""
-    from anychip.step import split_batch
+    from anychip.batch import split_batch
 
     return split_batch(batch, distributed.world_size())[distributed.rank()]
 

@@ -42,7 +42,7 @@ def union(parts: list, accumulate: int):
     import torch
     from torch.utils import _pytree as pytree
 
-    from anychip.step import split_batch
+    from anychip.batch import split_batch
 
     micro = [split_batch(p, accumulate) for p in parts]  # [process][micro]
     ordered = [m[i] for i in range(accumulate) for m in micro]
@@ -62,7 +62,7 @@ def run_case(name: str, out: str, role: str) -> dict:
 
     import anychip as ac
     from anychip import distributed, workloads
-    from anychip.step import split_batch
+    from anychip.batch import split_batch
 
     workload, parallel, accumulate, split_batches, size, extras = CASES[name]
     w = workloads.get(workload)

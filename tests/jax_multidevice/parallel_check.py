@@ -19,7 +19,8 @@ import jax  # noqa: E402
 
 import anychip as ac  # noqa: E402
 from anychip import workloads  # noqa: E402
-from anychip.backends.jax import JaxBackend, probe  # noqa: E402
+from anychip.backends.jax import probe  # noqa: E402
+from anychip.backends.jax.backend import JaxBackend  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 

@@ -20,9 +20,9 @@ from anychip import workloads
 def test_backend_facts():
     be = ac.backend("neuron-xla")
     assert be.name == "neuron-xla"
-    assert be.device == torch.device("xla", 0) and be.device_type == "xla"  # autocast("xla")
-    assert be.dist_backend == "xla"
-    assert be.compile_by_default is False and be.lazy_tensors is True
+    assert be.device == torch.device("xla", 0) and be.traits.device_type == "xla"  # autocast("xla")
+    assert be.traits.dist_backend == "xla"
+    assert be.traits.compile_by_default is False and be.traits.lazy_tensors is True
     stats = be.graph_stats()
     assert set(stats) == {"compiles", "cache_hits", "executions"} and all(isinstance(v, int) for v in stats.values())
     if xr.device_type() == "CPU":

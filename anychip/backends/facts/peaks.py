@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from anychip.backends.facts.neuron import CORES_PER_CHIP
+
 
 @dataclasses.dataclass(frozen=True)
 class Peak:
@@ -65,10 +67,6 @@ PEAKS: tuple[Peak, ...] = (
     Peak(r"TPU v6|Trillium", 918.0, "Cloud TPU v6e system architecture"),
 )
 
-# NeuronCores per Trainium chip as the runtime exposes them (logical cores at the default LNC).
-NEURON_CORES_PER_CHIP = {"trn1": 2, "trn2": 4, "trn3": 4}
-
-
 def lookup(device_name: str) -> Peak | None:
     for peak in PEAKS:
         if re.search(peak.pattern, device_name or "", flags=re.IGNORECASE):
@@ -83,6 +81,16 @@ def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
         return None
     # bf16-pure and fp16 run on the same tensor cores; fp32 has no comparable datasheet figure.
     return peak.bf16_tflops * 1e12 if dtype in ("bf16", "bf16-pure", "fp16") else None
+
+
+def neuron_core_flops(device_kind: str, dtype: str, cores: int) -> float | None:
+    """Peak of ``cores`` NeuronCores of the chip named first in ``device_kind`` ("trn2 NeuronCore"):
+    the chip figure divided by the cores it exposes, so N cores add up to the chip."""
+    chip = device_kind.split()[0] if device_kind else ""
+    per_chip = peak_flops(chip, dtype)
+    if per_chip is None or chip not in CORES_PER_CHIP:
+        return None
+    return per_chip / CORES_PER_CHIP[chip] * cores
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None) -> float | None:

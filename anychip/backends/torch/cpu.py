@@ -5,24 +5,24 @@ from __future__ import annotations
 
 import os
 
-from anychip.backends import Availability
-from anychip.backends import probe as facts
-from anychip.backends.base import NativeTorchBackend, map_tensors
+from anychip.backends.facts import host
+from anychip.backends.registry import Availability
+from anychip.backends.torch.base import NativeTorchBackend, Traits
+from anychip.batch import map_tensors
 
 
 def probe(name: str = "cpu") -> Availability:
-    torch_version = facts.version("torch")
+    torch_version = host.version("torch")
     if torch_version is None:
         return Availability(name, False, "torch is not installed", install="pip install torch")
     return Availability(
-        name, True, f"{os.cpu_count()} cores", devices=1, device_kind=facts.cpu_name(), versions={"torch": torch_version}
+        name, True, f"{os.cpu_count()} cores", devices=1, device_kind=host.cpu_name(), versions={"torch": torch_version}
     )
 
 
 class CpuBackend(NativeTorchBackend):
     name = "cpu"
-    device_type = "cpu"
-    dist_backend = "gloo"
+    traits = Traits(device_type="cpu", dist_backend="gloo")
 
     def place_batch(self, batch):
         # A host batch is already in place: one walk, no device object per step (the step

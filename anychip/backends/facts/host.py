@@ -1,14 +1,11 @@
-"""Stdlib-only facts for backend probes: installed versions, device files, PCI ids.
-
-Nothing here imports torch, jax or a vendor SDK (DESIGN: probing never imports a heavy SDK).
-"""
+"""Host facts for probes: installed versions, importable modules, device files, PCI vendors,
+vendor command-line tools, the CPU model. Stdlib only."""
 
 from __future__ import annotations
 
 import glob
 import importlib.metadata
 import importlib.util
-import os
 import platform
 import re
 import shutil
@@ -37,18 +34,6 @@ def importable(module: str) -> bool:
 def device_files(pattern: str) -> list[str]:
     """Numbered device nodes such as /dev/nvidia0, /dev/neuron3 (not /dev/nvidiactl)."""
     return sorted(p for p in glob.glob(pattern + "*") if re.fullmatch(re.escape(pattern) + r"\d+", p))
-
-
-def pci_vendor_present(vendor_id: str, root: str = "/sys/bus/pci/devices") -> int:
-    """How many PCI devices carry ``vendor_id`` (e.g. '0x1ae0', Google TPUs)."""
-    count = 0
-    for path in glob.glob(os.path.join(root, "*", "vendor")):
-        try:
-            with open(path) as fh:
-                count += fh.read().strip().lower() == vendor_id
-        except OSError:
-            continue
-    return count
 
 
 def run_tool(argv: list[str], timeout: float = 5.0) -> tuple[int, str] | None:

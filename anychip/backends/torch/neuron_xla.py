@@ -44,10 +44,12 @@ from __future__ import annotations
 import contextlib
 import os
 
-from anychip.backends import Availability, BackendError
-from anychip.backends import neuron
-from anychip.backends import probe as facts
-from anychip.backends.base import MemoryStats, NativeTorchBackend
+from anychip.backends.contract import MemoryStats
+from anychip.backends.facts import host, nvidia, peaks, tpu
+from anychip.backends.facts import neuron
+from anychip.backends.registry import Availability
+from anychip.backends.torch.base import NativeTorchBackend, Traits
+from anychip.errors import BackendError
 
 INSTALL = (
     "pip install torch-neuronx==2.9.* --extra-index-url https://pip.repos.neuron.amazonaws.com "
@@ -57,7 +59,7 @@ TEST_HINT = "set PJRT_DEVICE=CPU to run it on the CPU for testing"
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
-    return neuron._version_tuple(version)[:2]
+    return neuron.version_tuple(version)[:2]
 
 
 def _pjrt_device_count(kind: str) -> int:
@@ -66,14 +68,14 @@ def _pjrt_device_count(kind: str) -> int:
         count = os.environ.get("CPU_NUM_DEVICES", "").strip()
         return int(count) if count.isdigit() and int(count) > 0 else 1
     if kind == "TPU":
-        return facts.pci_vendor_present("0x1ae0")
+        return tpu.tpu_chips()[0]
     if kind in ("CUDA", "GPU"):
-        return len(facts.device_files("/dev/nvidia"))
+        return nvidia.nvidia_host().gpus
     return 0
 
 
 def probe(name: str = "neuron-xla") -> Availability:
-    versions = facts.versions("torch", "torch-xla", "torch-neuronx", "neuronx-cc")
+    versions = host.versions("torch", "torch-xla", "torch-neuronx", "neuronx-cc")
     torch_v, txla, tnx = versions.get("torch"), versions.get("torch-xla"), versions.get("torch-neuronx")
     kind = neuron.lineage(tnx)
     installed = (
@@ -126,25 +128,20 @@ def probe(name: str = "neuron-xla") -> Availability:
             f"torch-xla {txla} is installed but {told} torch-neuronx (the XLA lineage, serves {neuron.SERVES['xla']}) "
             f"is not installed: {TEST_HINT}, or install torch-neuronx 2.9 on a trn1 instance", INSTALL,
         )
-    host = neuron.neuron_host()
-    if host.devices == 0:
-        return unavailable(f"no Neuron devices on this machine ({host.note}); {installed}; {TEST_HINT}")
+    found = neuron.neuron_host()
+    if found.devices == 0:
+        return unavailable(f"no Neuron devices on this machine ({found.note}); {installed}; {TEST_HINT}")
     return Availability(
-        name, True, f"{installed}; {host.note}", devices=host.cores,
-        device_kind=f"{host.chip or 'trainium'} NeuronCore", versions=versions,
+        name, True, f"{installed}; {found.note}", devices=found.cores,
+        device_kind=f"{found.chip or 'trainium'} NeuronCore", versions=versions,
     )
 
 
 class NeuronXlaBackend(NativeTorchBackend):
     name = "neuron-xla"
-    device_type = "xla"  # also the autocast device type: torch.autocast("xla", dtype=torch.bfloat16)
-    dist_backend = "xla"
-    compile_backend = None  # lazy tensors: torch_xla.sync() compiles the step
-    compile_by_default = False
-    lazy_tensors = True
-    # The native backend's arithmetic: chip peak / cores per chip x devices_in_use;
-    # "PJRT CPU" and other non-Neuron kinds have no datasheet peak and give None.
-    peak_flops = neuron.NeuronBackend.peak_flops
+    # device_type "xla" is also the autocast device type: torch.autocast("xla", dtype=torch.bfloat16);
+    # no compile backend: lazy tensors, torch_xla.sync() compiles the step.
+    traits = Traits(device_type="xla", dist_backend="xla", compile_backend=None, lazy_tensors=True)
 
     def __init__(self, availability: Availability, device):
         super().__init__(availability)
@@ -158,6 +155,22 @@ class NeuronXlaBackend(NativeTorchBackend):
     def devices_in_use(self) -> int:
         """NeuronCores this process drives on Trainium (as for `neuron`); one PJRT device elsewhere."""
         return neuron.cores_in_use() if self.device_kind.endswith("NeuronCore") else 1
+
+    def peak_flops(self, dtype: str = "bf16") -> float | None:
+        """As for `neuron`: chip peak / cores per chip x cores in use; "PJRT CPU" and other
+        non-Neuron kinds have no datasheet peak and give None."""
+        return peaks.neuron_core_flops(self.device_kind, dtype, self.devices_in_use)
+
+    def rng_state(self) -> dict:
+        import torch_xla.core.xla_model as xm
+
+        return {"xla": int(xm.get_rng_state(self.device))}
+
+    def set_rng_state(self, state: dict) -> None:
+        import torch_xla.core.xla_model as xm
+
+        if "xla" in state:
+            xm.set_rng_state(int(state["xla"]), self.device)
 
     def place(self, model):
         """``model.to(device)``, keeping tied parameters tied. Moving to XLA gives every module a

@@ -1,0 +1,59 @@
+"""The torch engines' training state in the backend-neutral layout every engine and
+checkpoint uses: parameters by name, optimizer slots by slot name then parameter name.
+
+FSDP's sharded tensors (DTensors) are gathered whole on every rank (a collective: every rank
+calls ``engine_state``), so a sharded run saves the same portable layout, and loading places
+each rank's shard without communicating.
+"""
+
+from __future__ import annotations
+
+
+def whole(t):
+    """A CPU copy of ``t``; a sharded DTensor is all-gathered first."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+
+def shaped_like(value, target):
+    """``value`` (a whole CPU tensor) laid out as ``target``: this rank's shard of it when the
+    target is a DTensor. Every rank holds the whole value, so nothing is communicated."""
+    if target is None or not hasattr(target, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+
+
+def engine_state(engine) -> dict:
+    opt_state = engine.optimizer.state
+    slots = {
+        slot: {n: whole(opt_state[p][slot]) for n, p in zip(engine.param_names, engine.params) if slot in opt_state.get(p, {})}
+        for slot in engine.spec.optimizer.slots
+    }
+    return {
+        "step": engine.updates,
+        "model": {k: whole(v) for k, v in engine.model.state_dict().items()},
+        "optimizer": {"slots": slots},
+    }
+
+
+def load_engine_state(engine, state: dict) -> None:
+    import torch
+
+    current = engine.model.state_dict()
+    engine.model.load_state_dict({k: shaped_like(v, current.get(k)) for k, v in state["model"].items()})
+    n = int(state["step"])
+    per_param = {}
+    for i, name in enumerate(engine.param_names):
+        entry = {
+            slot: shaped_like(state["optimizer"]["slots"][slot][name], engine.params[i])
+            for slot in engine.spec.optimizer.slots
+            if name in state["optimizer"]["slots"].get(slot, {})
+        }
+        if entry:
+            if "exp_avg" in entry:  # Adam-style state counts its own steps
+                entry["step"] = torch.tensor(float(n))
+            per_param[i] = entry
+    current = engine.optimizer.state_dict()
+    engine.optimizer.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
+    engine.updates = n

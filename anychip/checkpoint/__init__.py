@@ -1,0 +1,157 @@
+"""Backend-neutral checkpoints: ``ac.save(step, "ckpt/")`` on one chip, ``ac.load("ckpt/", step)``
+on any other.
+
+On disk, ``path`` is a directory of checkpoints, one sub-directory per save::
+
+    ckpt/step-000000120/model.safetensors      model.state_dict() by name (aliases stored once)
+                        optimizer.safetensors  optimizer slots as "<slot>/<parameter name>"
+                        manifest.json          everything else, as plain JSON
+
+The tensors are those of ``TrainStep.state_dict()``, which every engine already produces in
+the neutral layout (parameters by name, optimizer slots by slot name then parameter name);
+precision ``bf16`` therefore stores its float32 master weights and ``bf16-pure`` its bfloat16
+ones. Loading verifies first and applies second: the step is only touched once the format,
+every checksum, and every tensor name, shape and dtype have passed.
+
+This module is the public API; the work is in :mod:`~anychip.checkpoint.format` (the bytes
+on disk), :mod:`~anychip.checkpoint.layout` (names and finding checkpoints),
+:mod:`~anychip.checkpoint.durable` (crash-safe writes and rotation),
+:mod:`~anychip.checkpoint.integrity` (verifying what was read),
+:mod:`~anychip.checkpoint.fit` (does it fit the step) and :mod:`~anychip.checkpoint.rng`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from anychip import distributed
+from anychip.checkpoint import durable, rng
+from anychip.checkpoint.fit import check_fits
+from anychip.checkpoint.format import MANIFEST, build_manifest, find_aliases, manifest_bytes, safetensors, tensor_files
+from anychip.checkpoint.integrity import read_verified
+from anychip.checkpoint.layout import checkpoints, dir_name, resolve
+from anychip.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointVersionError,
+)
+
+log = logging.getLogger("anychip")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`load` restored: where from, which update, and the manifest's facts."""
+
+    path: Path
+    step: int
+    data_position: int  # the index of the next batch, for workload.batch(step, ...)
+    backend: str  # the backend that wrote it
+    precision: str
+    extra: Any
+    manifest: dict
+
+
+def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path:
+    """Write ``step``'s training state to ``path/step-NNNNNNNNN/`` atomically; return that directory.
+
+    ``keep_last=K`` then removes all but the K newest complete checkpoints. ``extra`` is any
+    JSON-serialisable value stored in the manifest and returned by :func:`load`.
+    Raises :class:`CheckpointExistsError` rather than replace a checkpoint of the same update.
+    Under torchrun / jax.distributed every process calls it; rank 0 writes (sharded FSDP state
+    is gathered whole first) and every process returns or raises with rank 0's outcome.
+    """
+    if keep_last is not None and not (isinstance(keep_last, int) and not isinstance(keep_last, bool) and keep_last >= 1):
+        raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"extra must be JSON-serialisable (dicts, lists, str, numbers): {exc}") from None
+    safetensors()  # a missing dependency fails before any process has gathered anything
+    root = Path(path)
+    final = root / dir_name(step.step_count)
+    main = distributed.is_main_process()
+    # Several processes: all of them call save() (an FSDP state is gathered collectively), rank 0
+    # alone writes, and every rank learns rank 0's outcome, so none goes on as if saved.
+    exists = f"{final} already exists; checkpoints are never overwritten (delete it first to save again)"
+    if distributed.main_outcome(exists if main and final.exists() else None):
+        raise CheckpointExistsError(exists)
+    state = step.state_dict()
+    if not main:
+        error = distributed.main_outcome(None)
+        if error:
+            raise CheckpointError(f"rank 0 could not write {final}: {error}")
+        return final
+    try:
+        written = _write(step, state, root, final, extra)
+    except BaseException as exc:
+        distributed.main_outcome(f"{type(exc).__name__}: {exc}")
+        raise
+    distributed.main_outcome(None)
+    if keep_last is not None:
+        durable.rotate(root, keep_last, keep=written)
+    return written
+
+
+def _write(step, state: dict, root: Path, final: Path, extra) -> Path:
+    """Serialise ``state`` and rename it into place as ``final`` (rank 0's part of save)."""
+    aliases = find_aliases(step.model.state_dict(keep_vars=True))
+    blobs = tensor_files(state, aliases)
+    manifest = build_manifest(step, state, aliases, blobs, rng.capture(step.backend), extra)
+    # The manifest goes last: its presence is what makes a step-* directory complete.
+    durable.commit(root, final, {**blobs, MANIFEST: manifest_bytes(manifest)}, last=MANIFEST)
+    log.info("anychip: saved update %d to %s", state["step"], final)
+    return final
+
+
+def load(path, step, *, at: int | None = None, restore_rng: bool = True, allow_optimizer_change: bool = False) -> CheckpointInfo:
+    """Restore ``step`` from the newest complete checkpoint in ``path`` (or update ``at``, or
+    ``path`` itself when it is one checkpoint's directory), on whichever backend ``step`` uses.
+
+    Everything is verified before the step is modified; each problem raises its own
+    :class:`CheckpointError` subclass. ``restore_rng`` restores the torch / numpy / python
+    global RNG states saved with it, and the device generator's through ``step.backend``.
+    A different optimizer *type* is always refused; different hyper-parameters or schedule
+    only with ``allow_optimizer_change=True``.
+    """
+    directory = resolve(Path(path), at)
+    manifest, tensors = read_verified(directory)
+    state = check_fits(directory, manifest, tensors, step, allow_optimizer_change)
+    saved_rng = rng.parse(directory, manifest.get("rng", {}), step.backend) if restore_rng else None
+    # Verified; from here on the step changes.
+    step.load_state_dict(state)
+    if saved_rng is not None:
+        rng.apply(saved_rng, step.backend)
+    log.info("anychip: loaded update %d from %s (written on %s)", state["step"], directory, manifest.get("backend"))
+    return CheckpointInfo(
+        directory, state["step"], int(manifest["data_position"]), str(manifest.get("backend", "?")),
+        str(manifest.get("precision", "?")), manifest.get("extra"), manifest,
+    )
+
+
+def verify(path, *, at: int | None = None) -> dict:
+    """Check one checkpoint's format, manifest and file checksums without a step; return its manifest."""
+    manifest, _ = read_verified(resolve(Path(path), at))
+    return manifest
+
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointVersionError",
+    "checkpoints",
+    "load",
+    "save",
+    "verify",
+]

@@ -1,0 +1,99 @@
+"""Crash-safe changes to a checkpoint root: a new checkpoint appears whole or not at all, and
+an old one disappears whole or not at all.
+
+A save writes into ``root/.tmp-...``, fsyncs every file and the directory, renames it to
+``step-NNNNNNNNN`` (atomic on POSIX) and fsyncs ``root``. Rotation deletes old checkpoints
+only after the new one is durable, by renaming them to ``.trash-...`` first (again atomic), so
+an interrupted deletion never leaves a half-deleted ``step-*``. Leftover ``.tmp-*`` /
+``.trash-*`` entries are removed by the next save. One writer per root (rank 0 in a
+distributed run), which is what makes removing leftovers safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from anychip.checkpoint.layout import TMP_PREFIX, TRASH_PREFIX, checkpoints
+from anychip.errors import CheckpointExistsError
+
+log = logging.getLogger("anychip")
+
+
+def commit(root: Path, final: Path, files: dict[str, bytes], last: str) -> Path:
+    """Write ``files`` and then ``files[last]`` (whose presence marks the checkpoint complete)
+    into a temporary directory of ``root`` and rename it to ``final``; return ``final``."""
+    make_dirs(root)
+    remove_leftovers(root)
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            if name != last:
+                write_durable(tmp / name, data)
+        write_durable(tmp / last, files[last])
+        fsync_dir(tmp)
+        if final.exists():  # re-checked right before the rename, which would replace an empty dir
+            raise CheckpointExistsError(f"{final} appeared while saving; checkpoints are never overwritten")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(root)
+    return final
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Create ``path`` (never replacing a file) holding ``data``, flushed to the disk."""
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created/renamed files) durable; a no-op where unsupported."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(root: Path) -> None:
+    """``mkdir -p root``, with each new entry made durable in its parent."""
+    missing = []
+    p = root.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fsync_dir(created.parent)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Unfinished saves and interrupted deletions of earlier runs (single writer per directory)."""
+    for entry in root.iterdir():
+        if entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)) and entry.is_dir() and not entry.is_symlink():
+            log.info("anychip: removing leftover %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def rotate(root: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints (never ``keep``)."""
+    complete = [p for p in checkpoints(root) if p != keep]
+    doomed = complete[: max(0, len(complete) - (keep_last - 1))]
+    for old in doomed:
+        trash = root / f"{TRASH_PREFIX}{old.name}-{secrets.token_hex(4)}"
+        os.rename(old, trash)  # atomic: a step-* directory is complete or absent, never half-deleted
+    if doomed:
+        fsync_dir(root)
+    for old in root.iterdir():
+        if old.name.startswith(TRASH_PREFIX):
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,135 @@
+"""Whether a verified checkpoint fits a step: the optimizer spec, then the model's parameter
+names, shapes and dtypes, then every optimizer slot. A misfit raises
+:class:`CheckpointMismatchError` whose message lists each difference (renames guessed from
+matching shapes), so the user sees what to change rather than a bare ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+
+from anychip.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE, dtype_name, spec_json
+from anychip.errors import CheckpointMismatchError
+
+log = logging.getLogger("anychip")
+
+
+def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optimizer_change: bool) -> dict:
+    """The state dict to apply, once names, shapes, dtypes and the optimizer all fit the step."""
+    ours = json.loads(json.dumps(spec_json(step.spec.optimizer)))
+    theirs = manifest.get("optimizer")
+    differences = optimizer_diff(theirs, ours)
+    if differences:
+        type_changed = not isinstance(theirs, dict) or theirs.get("type") != ours["type"]
+        if type_changed or not allow_optimizer_change:
+            hint = "" if type_changed else " (pass allow_optimizer_change=True to resume with the new settings)"
+            raise CheckpointMismatchError(
+                f"{directory} was trained with a different optimizer: " + "; ".join(differences) + hint, optimizer=differences
+            )
+        log.warning("anychip: resuming %s with a changed optimizer: %s", directory, "; ".join(differences))
+
+    model_state = step.model.state_dict()
+    want = {k: (tuple(v.shape), dtype_name(v)) for k, v in model_state.items()}
+    listed = manifest["model"]["tensors"]
+    have = {k: (tuple(v["shape"]), v["dtype"]) for k, v in listed.items()}
+    d = diff_names(have, want)
+    if any(d.values()):
+        hint = ""
+        if d["retyped"]:
+            hint = f"the checkpoint was written with precision {manifest.get('precision')!r}, the step uses {step.spec.policy.name!r}"
+        raise CheckpointMismatchError(mismatch_message(directory, "model", d, hint), **d)
+
+    stored = tensors[MODEL_FILE]
+    aliases = manifest["model"].get("aliases", {})
+    model = {k: stored[aliases.get(k, k)] for k in listed}
+
+    trainable = trainable_params(step)
+    slots: dict[str, dict] = {}
+    for key, t in tensors[OPTIMIZER_FILE].items():
+        slot, _, name = key.partition("/")
+        slots.setdefault(slot, {})[name] = t
+    for slot in step.spec.optimizer.slots:
+        slots.setdefault(slot, {})
+    unknown_slots = sorted(set(slots) - set(step.spec.optimizer.slots))
+    if unknown_slots and not allow_optimizer_change:
+        raise CheckpointMismatchError(f"{directory} holds optimizer slots {unknown_slots} that {ours['type']} does not use")
+    slots = {s: slots[s] for s in step.spec.optimizer.slots}
+    for slot, by_name in slots.items():
+        have = {k: (tuple(t.shape), dtype_name(t)) for k, t in by_name.items()}
+        known = [k for k in sorted(have) if k in trainable]
+        d = {
+            "missing": [], "renamed": [],
+            "unexpected": sorted(set(have) - set(trainable)),
+            "reshaped": [(k, have[k][0], trainable[k][0]) for k in known if have[k][0] != trainable[k][0]],
+            "retyped": [(k, have[k][1], trainable[k][1]) for k in known if have[k][0] == trainable[k][0] and have[k][1] != trainable[k][1]],
+        }
+        if any(d.values()):
+            raise CheckpointMismatchError(mismatch_message(directory, f"optimizer slot {slot!r}", d), **d)
+    return {"step": int(manifest["step"]), "model": model, "optimizer": {"slots": slots}}
+
+
+def trainable_params(step) -> dict:
+    """{name: (shape, dtype)} of the parameters the optimizer updates, in the engine's naming."""
+    named = dict(step.model.named_parameters())
+    return {n: (tuple(named[n].shape), dtype_name(named[n])) for n in step.engine.param_names}
+
+
+def diff_names(have: dict, want: dict) -> dict:
+    """Compare {name: (shape, dtype)} of the checkpoint (``have``) and the model (``want``)."""
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    renamed = []
+    for new in list(missing):
+        candidates = [old for old in unexpected if have[old] == want[new]]
+        if candidates:
+            old = max(candidates, key=lambda c: difflib.SequenceMatcher(None, c, new).ratio())
+            renamed.append((old, new))
+            missing.remove(new)
+            unexpected.remove(old)
+    common = sorted(set(have) & set(want))
+    reshaped = [(k, have[k][0], want[k][0]) for k in common if have[k][0] != want[k][0]]
+    retyped = [(k, have[k][1], want[k][1]) for k in common if have[k][0] == want[k][0] and have[k][1] != want[k][1]]
+    return {"missing": missing, "unexpected": unexpected, "renamed": renamed, "reshaped": reshaped, "retyped": retyped}
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def mismatch_message(directory: Path, what: str, d: dict, hint: str = "") -> str:
+    """One sentence per kind of difference in ``d`` (as :func:`diff_names` returns it)."""
+    parts = []
+    if d["renamed"]:
+        parts.append("renamed (checkpoint -> model): " + ", ".join(f"{a} -> {b}" for a, b in d["renamed"]))
+    if d["reshaped"]:
+        parts.append("reshaped (checkpoint vs model): " + ", ".join(f"{k} {_fmt_shape(a)} vs {_fmt_shape(b)}" for k, a, b in d["reshaped"]))
+    if d["retyped"]:
+        parts.append("dtype (checkpoint vs model): " + ", ".join(f"{k} {a} vs {b}" for k, a, b in d["retyped"]))
+    if d["missing"]:
+        parts.append("missing from the checkpoint: " + ", ".join(d["missing"]))
+    if d["unexpected"]:
+        parts.append("not in the model: " + ", ".join(d["unexpected"]))
+    return f"{directory} does not fit this step's {what}: " + "; ".join(parts) + (f". {hint}" if hint else "")
+
+
+def optimizer_diff(theirs, ours, prefix: str = "") -> list[str]:
+    """Every difference between two :func:`~anychip.checkpoint.format.spec_json` trees, as
+    ``"path: checkpoint X, step Y"`` lines."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        out = []
+        for k in sorted(set(theirs) | set(ours)):
+            key = k if k in ("type", "fields") else f"{prefix}{k}"
+            if k == "fields":
+                out += optimizer_diff(theirs.get(k), ours.get(k), prefix)
+            elif k == "type":
+                if theirs.get(k) != ours.get(k):
+                    out.append(f"{prefix.rstrip('.') or 'optimizer'} type: checkpoint {theirs.get(k)}, step {ours.get(k)}")
+            else:
+                out += optimizer_diff(theirs.get(k), ours.get(k), f"{key}.")
+        return out
+    if theirs != ours:
+        return [f"{prefix.rstrip('.')}: checkpoint {theirs!r}, step {ours!r}"]
+    return []

@@ -1,0 +1,170 @@
+"""The on-disk format: file names, the format version, tensors to safetensors bytes, and the
+manifest (built, signed with its own checksum, read back and version-checked).
+
+Only safetensors and JSON are ever written or read, never ``pickle`` / ``torch.load``, so
+opening an untrusted checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from anychip.errors import CheckpointCorruptError, CheckpointVersionError
+from anychip.version import __version__
+
+FORMAT = "anychip-checkpoint"
+FORMAT_VERSION = (1, 0)  # major: readers refuse a newer one; minor: additions readers may ignore
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB per thousand tensors; refuse absurd ones
+SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
+
+
+def safetensors():
+    """``safetensors.torch``, or an ImportError that says how to install it."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("checkpoints need safetensors: pip install 'anychip[checkpoint]'") from None
+    return safetensors.torch
+
+
+def dtype_name(t) -> str:
+    """``float32`` for ``torch.float32``: the dtype as the manifest spells it."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def describe(t) -> dict:
+    return {"dtype": dtype_name(t), "shape": list(t.shape)}
+
+
+def spec_json(obj):
+    """An optimizer/schedule spec as JSON: {"type": class name, "fields": {...}} all the way down."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"type": type(obj).__name__, "fields": {f.name: spec_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if isinstance(obj, (tuple, list)):
+        return [spec_json(v) for v in obj]
+    return obj
+
+
+def find_aliases(live_state: dict) -> dict:
+    """{name: first name} for entries that are the same memory as an earlier one (tied
+    weights): stored once, the others listed as aliases (safetensors refuses shared tensors).
+    Read from the step's own model: ``state_dict()`` copies off a device separately per name."""
+    aliases, seen = {}, {}
+    for name, t in live_state.items():
+        if not t.numel():
+            continue
+        try:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        except RuntimeError:
+            # Lazy (XLA) tensors have no data pointer; tied weights are one Parameter object
+            # (keep_vars=True hands out the objects themselves).
+            key = ("object", id(t))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
+
+
+def tensor_files(state: dict, aliases: dict) -> dict[str, bytes]:
+    """``{file name: safetensors bytes}`` of a ``TrainStep.state_dict()``: the model by name
+    (aliases left out) and the optimizer slots as "<slot>/<parameter name>"."""
+    st = safetensors()
+    model = {k: t for k, t in state["model"].items() if k not in aliases}
+    optimizer = {f"{slot}/{name}": t for slot, by_name in state["optimizer"]["slots"].items() for name, t in by_name.items()}
+    return {
+        MODEL_FILE: st.save({k: t.contiguous() for k, t in model.items()}, metadata={"format": "pt", "anychip": "model"}),
+        OPTIMIZER_FILE: st.save({k: t.contiguous() for k, t in optimizer.items()}, metadata={"format": "pt", "anychip": "optimizer"}),
+    }
+
+
+def build_manifest(step, state: dict, aliases: dict, blobs: dict, rng: dict, extra) -> dict:
+    """Everything about a save that is not a tensor, as plain JSON (unsigned)."""
+    import torch
+
+    n = int(state["step"])
+    return {
+        "format": FORMAT,
+        "format_version": f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}",
+        "anychip_version": __version__,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+        "created_unix": time.time(),
+        "step": n,
+        "schedule_position": n,  # updates the schedule has applied: the next lr is lr * schedule(n)
+        "data_position": n,  # the next batch is workload.batch(n, ...): data is a pure function of the update
+        "backend": step.backend.name,
+        "precision": step.spec.policy.name,
+        "optimizer": spec_json(step.spec.optimizer),
+        "rng": rng,
+        "model": {"tensors": {k: describe(t) for k, t in state["model"].items()}, "aliases": aliases},
+        "optimizer_state": {
+            "slots": {slot: {k: describe(t) for k, t in by_name.items()} for slot, by_name in state["optimizer"]["slots"].items()}
+        },
+        "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in blobs.items()},
+        "extra": extra,
+    }
+
+
+def canonical(manifest: dict) -> bytes:
+    """The bytes the manifest's own checksum covers: sorted, compact, ASCII JSON without it."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    # The manifest carries a checksum of itself, so a flipped byte in it is caught too.
+    signed = {**manifest, "manifest_sha256": hashlib.sha256(canonical(manifest)).hexdigest()}
+    return (json.dumps(signed, indent=1, sort_keys=True) + "\n").encode()
+
+
+def parse_version(text, directory: Path) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)\.(\d+)", str(text))
+    if m is None:
+        raise CheckpointCorruptError(f"{directory / MANIFEST}: format_version {text!r} is not 'MAJOR.MINOR'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of ``directory`` after its size, JSON, format, version and checksum checks."""
+    path = directory / MANIFEST
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CheckpointCorruptError(f"{path} is {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}); refusing to read it")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{path} is missing") from None
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointCorruptError(f"{path} is not valid JSON ({exc}); the file is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointCorruptError(f"{path} is not an anychip checkpoint manifest (format != {FORMAT!r})")
+    theirs = parse_version(manifest.get("format_version"), directory)
+    ours = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
+    if theirs[0] > FORMAT_VERSION[0]:
+        raise CheckpointVersionError(
+            f"{directory} is in checkpoint format {theirs[0]}.{theirs[1]} (written by anychip "
+            f"{manifest.get('anychip_version', '?')}); this anychip ({__version__}) reads format {ours} and older: upgrade anychip"
+        )
+    digest = manifest.get("manifest_sha256")
+    if digest != hashlib.sha256(canonical(manifest)).hexdigest():
+        raise CheckpointCorruptError(f"{path} does not match its own checksum (manifest_sha256): it was altered or damaged")
+    return manifest
+
+
+def section(manifest: dict, directory: Path, key: str) -> dict:
+    """``manifest[key]``, which must be a JSON object."""
+    value = manifest.get(key)
+    if not isinstance(value, dict):
+        raise CheckpointCorruptError(f"{directory / MANIFEST}: section {key!r} is missing")
+    return value
