@@ -7,7 +7,7 @@ either way. Every module takes:
 
 * ``kernels``: "auto" (default: best implementation for the backend, or the reference when
   ``ANYCHIP_KERNELS=reference``), "reference", or an implementation name such as "triton"
-  (raises when it cannot run there); see ``anychip.kernels.select``.
+  (raises when it cannot run there); see ``anychip.kernels.selection``.
 * ``backend``: a backend name ("cpu", "cuda", "jax:tpu", ...). None (default) means the
   default a TrainStep sets (``anychip.kernels.defaults(backend=...)`` or
   ``set_default_backend``), else the input tensor's device.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anychip.kernels import IMPLS, MODES
+from anychip.kernels.table import IMPLS, MODES
 from anychip.kernels.attention import attention
 from anychip.kernels.linear_cross_entropy import linear_cross_entropy
 from anychip.kernels.rms_norm import rms_norm

@@ -2,7 +2,7 @@
 
 Without a CUDA GPU, Triton kernels run in Triton's interpreter on CPU tensors. triton reads
 TRITON_INTERPRET when a kernel is decorated, i.e. when anychip.kernels.<op>.triton is first
-imported, so it is set here, before any test module imports a kernel (DESIGN.md, Kernels).
+imported, so it is set here, before any test module imports a kernel.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared by the kernel tests: run an implementation and the float64 reference, compare.
 
 Every comparison is against the reference evaluated in float64 on the same (rounded) inputs,
-forward outputs and the gradients of every differentiable input (DESIGN.md, Kernels).
+forward outputs and the gradients of every differentiable input.
 """
 
 from __future__ import annotations

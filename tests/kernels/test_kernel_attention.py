@@ -87,8 +87,30 @@ def test_jax_sdpa_override_follows_torch_sdpa(mask):
     jmask = None if attn_mask is None else to_jax(attn_mask)
     got = jax_impl.sdpa("cpu", to_jax(q), to_jax(k), to_jax(v), attn_mask=jmask, is_causal=causal, scale=0.5)
     torch.testing.assert_close(from_jax(got), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        jax_impl.sdpa("cpu", to_jax(q), to_jax(k), to_jax(v), dropout_p=0.1)
+    used = set()
+    jax_impl.sdpa("cpu", to_jax(q), to_jax(k), to_jax(v), attn_mask=jmask, is_causal=causal, scale=0.5, used=used)
+    assert used == {"attention:xla"}
+
+
+@requires("jax")
+def test_jax_sdpa_dropout_runs_the_reference_with_a_key():
+    import jax
+
+    from kernel_checks import from_jax, to_jax
+
+    from anychip.kernels.attention import jax as jax_impl
+
+    q, k, v = (to_jax(t) for t in _inputs((2, 2, 2, 6, 6, 8, False), torch.float32))
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        jax_impl.sdpa("cpu", q, k, v, dropout_p=0.1)
+    used = set()
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 2))
+    out = from_jax(jax_impl.sdpa("cpu", q, k, v, dropout_p=0.5, dropout_key=lambda: next(keys), used=used))
+    assert used == {"attention:reference"} and out.shape == (2, 2, 6, 8) and torch.isfinite(out).all()
+    # without dropout but on 3-D inputs: the same materialised reference, no key needed
+    three = from_jax(jax_impl.sdpa("cpu", q[0], k[0], v[0], is_causal=True))
+    expected = F.scaled_dot_product_attention(from_jax(q)[0], from_jax(k)[0], from_jax(v)[0], is_causal=True)
+    torch.testing.assert_close(three, expected, rtol=1e-5, atol=1e-5)
 
 
 @requires("jax")

@@ -3,6 +3,8 @@ implementation is even selected (so before any kernel launch)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -64,7 +66,7 @@ CASES = [
 @pytest.mark.parametrize("call, error, message", CASES, ids=[c[2][:40] for c in CASES])
 def test_bad_input_raises_one_line(call, error, message, monkeypatch):
     selected = []
-    monkeypatch.setattr("anychip.kernels._selected_name", lambda *a: selected.append(a) or "reference")
+    monkeypatch.setattr(importlib.import_module("anychip.kernels.selection"), "_selected_name", lambda *a: selected.append(a) or "reference")
     with pytest.raises(error) as excinfo:
         call()
     assert message in str(excinfo.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,9 +97,10 @@ def test_kernels_argument_is_checked_at_construction():
 def test_modules_follow_the_default_backend(monkeypatch):
     """TrainStep sets the default backend; explicit backend= on a module wins."""
     seen = []
-    original = kernels.select
+    select_module = importlib.import_module("anychip.kernels.selection")
+    original = select_module.select
     monkeypatch.setattr(
-        kernels, "select", lambda op, backend, mode="auto": seen.append(backend) or original(op, backend, mode)
+        select_module, "select", lambda op, backend, mode="auto": seen.append(backend) or original(op, backend, mode)
     )
     kernels.set_default_backend("neuron")  # the reference everywhere; the fixture resets it
     RMSNorm(4)(torch.randn(2, 4))

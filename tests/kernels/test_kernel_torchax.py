@@ -3,6 +3,8 @@ jax.jit and jax.grad, with the ops mapped to their JAX implementations (jax_over
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from support import requires
@@ -88,9 +90,10 @@ def test_backend_is_inferred_from_the_torchax_device(env, monkeypatch):
     from torchax import interop
 
     seen = []
-    original = kernels.select
+    select_module = importlib.import_module("anychip.kernels.selection")
+    original = select_module.select
     monkeypatch.setattr(
-        kernels, "select", lambda op, backend, mode="auto": seen.append(backend) or original(op, backend, mode)
+        select_module, "select", lambda op, backend, mode="auto": seen.append(backend) or original(op, backend, mode)
     )
     interop.jax_view(lambda a, b: swiglu(a, b))(jnp.ones((2, 3)), jnp.ones((2, 3)))
     assert seen == ["jax:cpu"]
@@ -138,6 +141,32 @@ def test_without_the_overrides_the_error_says_what_to_do(monkeypatch):
     import jax.numpy as jnp
     from torchax import interop
 
-    monkeypatch.setattr(kernels, "_jax_overrides_made", False)  # as in a fresh process
+    monkeypatch.setattr(importlib.import_module("anychip.kernels.selection"), "_jax_overrides_made", False)  # as in a fresh process
     with pytest.raises(kernels.KernelUnavailableError, match=r"swiglu/jax runs through torchax: call anychip"):
         interop.jax_view(lambda a, b: swiglu(a, b))(jnp.ones((2, 3)), jnp.ones((2, 3)))
+
+
+def test_environment_lowers_torch_sdpa_by_the_one_policy(monkeypatch):
+    """environment(): torch's SDPA through jax.nn.dot_product_attention (what ran lands in
+    ``used``); with kernels="reference" only batch_norm and promote_types are overridden."""
+    import jax.numpy as jnp
+    import torch.nn.functional as F
+
+    used: set = set()
+    env = kernels.environment("cpu", "auto", used)
+    q = jnp.asarray(torch.randn(1, 2, 4, 8).numpy())
+    with env:
+        t = env.j2t_iso(q)
+        out = env.t2j_iso(F.scaled_dot_product_attention(t, t, t, is_causal=True))
+    expected = F.scaled_dot_product_attention(*(torch.from_numpy(jnp.asarray(q).__array__().copy()),) * 3, is_causal=True)
+    torch.testing.assert_close(torch.from_numpy(jnp.asarray(out).__array__().copy()), expected, rtol=1e-5, atol=1e-5)
+    assert used == {"attention:xla"}
+    ours = lambda e, op: op in e._ops and e._ops[op].is_user_defined  # noqa: E731  (torchax's op table)
+    assert ours(env, F.scaled_dot_product_attention) and ours(env, torch.ops.anychip.swiglu.default)
+    plain = kernels.environment("cpu", "reference")
+    assert not ours(plain, torch.ops.anychip.swiglu.default) and not ours(plain, F.scaled_dot_product_attention)
+    assert ours(plain, F.batch_norm) and ours(plain, torch.promote_types)
+    monkeypatch.setenv("ANYCHIP_KERNELS", "reference")
+    assert not ours(kernels.environment("gpu"), F.scaled_dot_product_attention)
+    row = {(r.op, r.name): r for r in kernels.available("jax:gpu")}[("attention", "jax")]
+    assert "cuDNN" in row.note and "scaled_dot_product_attention" in row.note

@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from anychip.kernels import resolve_backend, select_for_call, torch_module
 from anychip.kernels.attention import reference, sdpa
+from anychip.kernels.scope import resolve_backend
+from anychip.kernels.selection import select_for_call, torch_module
 
 OP = "attention"
 # Implementations the public entry calls as plain torch code (Impl.direct in the table).
@@ -121,27 +122,10 @@ def jax_overrides(platform: str) -> dict[Any, Callable[..., Any]]:
 
     def forward(q, k, v, causal, scale, impl):
         check(impl)
-        how = jax_impl.implementation_for(platform, q.dtype, q.shape[-1])
-        return jax_impl.attention(q, k, v, causal, scale, implementation=how)
+        return jax_impl.attention_forward(q, k, v, causal, scale, platform=platform)
 
     def backward(grad, q, k, v, causal, scale, impl):
         check(impl)
-        how = jax_impl.implementation_for(platform, q.dtype, q.shape[-1])
-        return jax_impl.attention_backward(grad, q, k, v, causal, scale, implementation=how)
+        return jax_impl.attention_backward(grad, q, k, v, causal, scale, platform=platform)
 
     return {torch.ops.anychip.attention.default: forward, torch.ops.anychip.attention_backward.default: backward}
-
-
-def jax_sdpa_overrides(platform: str) -> dict[Any, Callable[..., Any]]:
-    """torchax overrides of torch's own scaled_dot_product_attention (F. and aten.)."""
-    import functools
-
-    from anychip.kernels.attention import jax as jax_impl
-
-    fn = functools.partial(jax_impl.sdpa, platform)
-    # torchax registers the packet and looks up the overload first, the packet second: cover both.
-    return {
-        torch.nn.functional.scaled_dot_product_attention: fn,
-        torch.ops.aten.scaled_dot_product_attention: fn,
-        torch.ops.aten.scaled_dot_product_attention.default: fn,
-    }

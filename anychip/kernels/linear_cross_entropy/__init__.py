@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from anychip.kernels import resolve_backend, select_for_call, torch_module
 from anychip.kernels.launch import next_power_of_2
 from anychip.kernels.linear_cross_entropy import reference
+from anychip.kernels.scope import resolve_backend
+from anychip.kernels.selection import select_for_call, torch_module
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")

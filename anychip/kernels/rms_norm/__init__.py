@@ -1,7 +1,7 @@
 """rms_norm: y = x * rsqrt(mean(x**2, -1) + eps) * weight (spec: ``reference.py``).
 
 Public entry: ``rms_norm(x, weight, eps=1e-6, *, kernels="auto", backend=None)``.
-Implementations (see ``anychip.kernels.TABLE``): reference, triton (CUDA), jax, pallas (TPU).
+Implementations (see ``anychip.kernels.table.TABLE``): reference, triton (CUDA), jax, pallas (TPU).
 The custom op ``anychip::rms_norm(x, weight, eps, impl)`` carries the chosen implementation's
 name so that one op serves every backend and torchax can map it to JAX.
 """
@@ -12,8 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from anychip.kernels import resolve_backend, select_for_call, torch_module
 from anychip.kernels.rms_norm import reference
+from anychip.kernels.scope import resolve_backend
+from anychip.kernels.selection import select_for_call, torch_module
 
 OP = "rms_norm"
 
@@ -84,8 +85,8 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the last dim: x [..., N], weight [N] -> [..., N] in x's dtype.
 
-    kernels: "auto" | "reference" | an implementation name (see anychip.kernels.select);
-    backend: a backend name; default anychip.kernels.set_default_backend, else x's device.
+    kernels: "auto" | "reference" | an implementation name (see anychip.kernels.selection);
+    backend: a backend name; default the one ``anychip.kernels.kernel_scope`` set, else x's device.
     """
     check_inputs(x, weight, eps)
     impl = select_for_call(OP, resolve_backend(backend, x), kernels)

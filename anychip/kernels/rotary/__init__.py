@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 import torch
 
-from anychip.kernels import resolve_backend, select_for_call, torch_module
 from anychip.kernels.rotary import reference
 from anychip.kernels.rotary.reference import rotary_tables  # noqa: F401  (public: anychip.kernels.rotary.rotary_tables)
+from anychip.kernels.scope import resolve_backend
+from anychip.kernels.selection import select_for_call, torch_module
 
 OP = "rotary"
 

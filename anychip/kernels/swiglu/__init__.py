@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-from anychip.kernels import resolve_backend, select_for_call, torch_module
 from anychip.kernels.swiglu import reference
+from anychip.kernels.scope import resolve_backend
+from anychip.kernels.selection import select_for_call, torch_module
 
 OP = "swiglu"
 
