@@ -25,9 +25,12 @@ test: setup
 
 # neuron-xla needs torch 2.9 + torch_xla 2.9 (an ABI pair that cannot share .venv's torch 2.13).
 # .ci/xla-env.sh builds that venv once outside the clone (~2-3 min, ~6 GB; cached: ~0.3 s) and
-# prints its python; anychip itself comes from this checkout through PYTHONPATH.
+# prints its python; anychip itself comes from this checkout through PYTHONPATH. The TrainStep
+# conformance suite runs there on neuron-xla only (cpu already ran it in the main suite);
+# tests/xla comes first: its conftest sets XLA's flags and starts the device.
 test-xla:
-	PY="$$(bash .ci/xla-env.sh)" && PJRT_DEVICE=CPU PYTHONPATH="$(CURDIR)" "$$PY" -m pytest -q tests/xla
+	PY="$$(bash .ci/xla-env.sh)" && PJRT_DEVICE=CPU ANYCHIP_TEST_BACKENDS=neuron-xla PYTHONPATH="$(CURDIR)" \
+		"$$PY" -m pytest -q tests/xla tests/conformance
 
 bench: setup
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only

@@ -1,6 +1,8 @@
-"""The neuron-xla tests run inside the torch 2.9 + torch_xla 2.9 virtualenv (`make test-xla`):
+"""The neuron-xla tests run inside the torch 2.9 + torch_xla 2.9 virtualenv (`make test-xla`),
+together with the TrainStep conformance suite restricted to neuron-xla:
 
-    PJRT_DEVICE=CPU PYTHONPATH=$PWD "$(bash .ci/xla-env.sh)" -m pytest -q tests/xla
+    PJRT_DEVICE=CPU ANYCHIP_TEST_BACKENDS=neuron-xla PYTHONPATH=$PWD "$(bash .ci/xla-env.sh)" \
+        -m pytest -q tests/xla tests/conformance
 
 Elsewhere (the main .venv has torch 2.13, which torch_xla 2.9 cannot load) nothing here is collected.
 """

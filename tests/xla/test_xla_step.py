@@ -1,5 +1,8 @@
-"""TrainStep on `neuron-xla` (torch_xla lazy tensors, PJRT_DEVICE=CPU in CI) against the `cpu`
-backend in the same process, with graph counts read from torch_xla's metrics.
+"""TrainStep on `neuron-xla` (torch_xla lazy tensors, PJRT_DEVICE=CPU in CI): what is particular
+to lazy tensors, the graph counts read from torch_xla's metrics, and state moving between `cpu`
+and `neuron-xla`. The semantics every backend shares (parity with a hand-written loop,
+accumulation, clipping, non-finite policies, state_dict, recompile warnings) are
+tests/conformance, run on neuron-xla by `make test-xla`.
 
 Compiled graphs are cached per process by hash, so the counts below are deltas, and each exact
 count is taken by a session fixture that runs its configuration first (the other tests reuse
@@ -9,7 +12,6 @@ its shapes, which also keeps this file within its time budget on two cores).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 
 import pytest
@@ -75,27 +77,16 @@ def assert_close_per_step(got, expected, rtol):
 
 @pytest.fixture(scope="session")
 def fresh_runs():
-    """The first run of each workload's configuration in this process (exact compile counts),
-    and the cpu backend on the same batches, in the same process after torch_xla.device()."""
-    runs = {}
-    for name in SHAPES:
-        batches = data(name, STEPS)
-        runs[name] = (run_xla(name, batches), run_cpu(name, batches))
-    return runs
+    """The first run of each workload's configuration in this process (exact compile counts)."""
+    return {name: run_xla(name, data(name, STEPS)) for name in SHAPES}
 
 
-# -- parity and graph counts ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_fp32_losses_match_the_cpu_backend(fresh_runs, name):
-    xla, cpu = fresh_runs[name]
-    assert_close_per_step(xla.losses, cpu, rtol=1e-5)
+# -- graph counts ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_one_graph_per_step_from_step_two(fresh_runs, name):
-    xla, _ = fresh_runs[name]
+    xla = fresh_runs[name]
     # Building the step compiles nothing (the device lr is set after AdamW.__init__).
     assert xla.compiles_building == 0
     # Step 1 has its own graph (AdamW creates its state there); steps 2..10 reuse one graph.
@@ -140,16 +131,13 @@ def test_bf16_autocast_runs_in_bf16_without_extra_graphs():
 # -- recompilation ---------------------------------------------------------------------------------
 
 
-def test_sequence_length_change_warns_and_compiles_once(fresh_runs, caplog):
+def test_sequence_length_change_compiles_once(fresh_runs):
     be = ac.backend("neuron-xla")
     step = make("gpt-tiny", "neuron-xla")
     counts = []
-    with caplog.at_level(logging.WARNING, logger="anychip"):
-        for seq in (16, 16, 24, 24, 16):  # 24 is used by no other test in this process
-            step(data("gpt-tiny", 1, start=400, seq=seq)[0])
-            counts.append(be.graph_stats()["compiles"])
-    warnings = [r.getMessage() for r in caplog.records if "recompiling" in r.getMessage()]
-    assert len(warnings) == 1 and "batch[0] shape (4, 16) -> (4, 24)" in warnings[0], warnings
+    for seq in (16, 16, 24, 24, 16):  # 24 is used by no other test in this process
+        step(data("gpt-tiny", 1, start=400, seq=seq)[0])
+        counts.append(be.graph_stats()["compiles"])
     assert counts[2] - counts[1] == 1  # the new length: exactly one new graph
     assert counts[4] == counts[2]  # seen lengths reuse their graphs
 
@@ -165,16 +153,14 @@ def test_strict_shapes_refuses_before_compiling(fresh_runs):
     assert be.graph_stats()["compiles"] == before and step.step_count == 2
 
 
-def test_pad_to_bucket_keeps_one_graph(fresh_runs, caplog):
+def test_pad_to_bucket_keeps_one_graph(fresh_runs):
     be = ac.backend("neuron-xla")
     step = make("gpt-tiny", "neuron-xla")
     counts = []
-    with caplog.at_level(logging.WARNING, logger="anychip"):
-        for i, seq in enumerate((16, 10, 13, 7, 16, 11)):
-            out = step(pad_to_bucket(data("gpt-tiny", 1, start=600 + i, seq=seq)[0], buckets=(16,)))
-            assert math.isfinite(out.loss)
-            counts.append(be.graph_stats()["compiles"])
-    assert not [r for r in caplog.records if "recompiling" in r.getMessage()]
+    for i, seq in enumerate((16, 10, 13, 7, 16, 11)):
+        out = step(pad_to_bucket(data("gpt-tiny", 1, start=600 + i, seq=seq)[0], buckets=(16,)))
+        assert math.isfinite(out.loss)
+        counts.append(be.graph_stats()["compiles"])
     assert counts[1:] == [counts[1]] * 5  # nothing compiled after step 2, whatever the length
 
 
@@ -188,54 +174,34 @@ def poisoned(batch):
     return x, labels
 
 
-def test_nonfinite_raise_is_reported_next_step_and_nothing_was_applied(fresh_runs):
+def test_nonfinite_raise_costs_no_graph_and_no_execution(fresh_runs):
+    """The flag is read after the next call's sync (reading it at once would cost a graph), and
+    the mask that withholds the update is in the step's graph. What the policy does to the
+    training state is tests/conformance."""
     be = ac.backend("neuron-xla")
-    good = data("mlp", 4, start=700)
+    good = data("mlp", 3, start=700)
     compiles = be.graph_stats()["compiles"]
     xla = make("mlp", "neuron-xla")
     for b in good[:2]:
         xla(b)
-    after_two = [p.detach().cpu().clone() for p in xla.model.parameters()]
     be.synchronize()
     executions = be.graph_stats()["executions"]
-    out = xla(poisoned(good[2]))  # returns: reading the flag now would cost a graph
+    out = xla(poisoned(good[2]))  # returns: the error comes with the next call
     assert math.isnan(out.loss)
-    with pytest.raises(ac.NonFiniteLossError, match=r"step 3: loss nan, grad norm nan is not finite; parameters were not updated"):
+    with pytest.raises(ac.NonFiniteLossError, match="step 3"):
         xla(good[2])
     be.synchronize()
     assert be.graph_stats()["executions"] - executions == 1  # the poisoned step's own graph only
-    assert xla.step_count == 2
-    for before, p in zip(after_two, xla.model.parameters()):
-        assert torch.equal(before, p.detach().cpu())
-    losses = [xla(b).loss for b in good[2:]]
-
-    cpu = make("mlp", "cpu")
-    for b in good[:2]:
-        cpu(b)
-    with pytest.raises(ac.NonFiniteLossError, match="step 3"):
-        cpu(poisoned(good[2]))  # the eager backend knows at once
-    # AdamW's moments and (device) step count were restored too: training goes on identically.
-    assert_close_per_step(losses, [cpu(b).loss for b in good[2:]], rtol=1e-5)
     assert be.graph_stats()["compiles"] == compiles  # the check and the mask add no graph
 
-    xla(poisoned(good[0]))
-    with pytest.raises(ac.NonFiniteLossError, match="step 5"):
-        xla.state_dict()  # a last non-finite step still surfaces
 
-
-def test_nonfinite_skip_is_known_at_once_even_on_the_first_step(fresh_runs):
+def test_nonfinite_skip_is_known_at_once_and_adds_no_graph(fresh_runs):
     be = ac.backend("neuron-xla")
     good = data("mlp", 3, start=800)
-    sequence = [poisoned(good[0]), good[0], good[1], poisoned(good[2]), good[2]]
     compiles = be.graph_stats()["compiles"]
-    xla, cpu = make("mlp", "neuron-xla", on_nonfinite="skip"), make("mlp", "cpu", on_nonfinite="skip")
-    got = [xla(b) for b in sequence]
-    expected = [cpu(b) for b in sequence]
-    assert [o.skipped for o in got] == [o.skipped for o in expected] == [True, False, False, True, False]
-    assert xla.step_count == cpu.step_count == 3
-    # Step 1's mask restores state that step created to zeros, torch's starting point: the
-    # following updates match a cpu run that never updated at all.
-    assert_close_per_step([o.loss for o in got if not o.skipped], [o.loss for o in expected if not o.skipped], rtol=1e-5)
+    xla = make("mlp", "neuron-xla", on_nonfinite="skip")
+    sequence = [poisoned(good[0]), good[0], good[1], poisoned(good[2]), good[2]]
+    assert [xla(b).skipped for b in sequence] == [True, False, False, True, False]  # without waiting a step
     assert be.graph_stats()["compiles"] == compiles
 
 
