@@ -10,36 +10,11 @@ import json
 import sys
 import time
 
+from anychip.bench.cli import register as register_bench
+from anychip.cliargs import Parser, UsageError, positive_float, positive_int, run_command
+from anychip.parity import register as register_parity
 
-class UsageError(Exception):
-    """A bad command-line value: reported as one line, exit status 2."""
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line (no usage dump), exit status 2 as usual."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+__all__ = ["Parser", "UsageError", "build_parser", "main", "positive_float", "positive_int"]
 
 
 # -- devices ---------------------------------------------------------------------------------------
@@ -59,9 +34,9 @@ def launch_layout() -> tuple[str, dict]:
 
 
 def cmd_devices(args) -> int:
-    from anychip.backends import backends
+    from anychip.backends import list_backends
 
-    found = backends()
+    found = list_backends()  # built-in and plug-in backends ($ANYCHIP_PLUGINS loads on this first look-up)
     line, layout = launch_layout()
     if args.json:
         print(json.dumps({"layout": layout, "backends": [a.as_dict() for a in found]}, indent=2))
@@ -86,18 +61,21 @@ def cmd_devices(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import anychip as ac
     from anychip import workloads
+    from anychip.backends import backend
+    from anychip.optim import AdamW, WarmupCosine
+    from anychip.precision import policy
+    from anychip.step import TrainStep
 
     workload = workloads.get(args.workload)
-    precision = ac.policy(args.precision).name
-    be = ac.backend(args.backend)
+    precision = policy(args.precision).name
+    be = backend(args.backend)
     model = workload.build(seed=args.seed)
-    schedule = ac.WarmupCosine(warmup=max(1, args.steps // 10), total=args.steps)
-    step = ac.TrainStep(
+    schedule = WarmupCosine(warmup=max(1, args.steps // 10), total=args.steps)
+    step = TrainStep(
         model,
         workload.loss_fn,
-        ac.AdamW(lr=args.lr, weight_decay=0.1, schedule=schedule),
+        AdamW(lr=args.lr, weight_decay=0.1, schedule=schedule),
         backend=be,
         precision=precision,
         max_grad_norm=1.0,
@@ -120,7 +98,7 @@ def cmd_train(args) -> int:
                 losses.append((out.step, out.loss))
                 bar.update(task, info=f"loss {out.loss:.4f}  lr {out.lr:.2e}")
             bar.advance(task)
-    be.synchronize()
+    step.synchronize()
     elapsed = time.perf_counter() - started
     print(f"{workload.name} on {be.name}: loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f} in {args.steps} steps, "
           f"{tokens / elapsed:,.0f} tokens/s (including compilation)")
@@ -151,39 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the step (default: the backend's choice)")
     p.set_defaults(func=cmd_train)
 
-    for register in _extra_commands():
-        register(sub)
+    register_bench(sub)  # sub-commands defined next to the code they drive
+    register_parity(sub)
     return parser
 
 
-def _extra_commands():
-    """Sub-commands defined next to the code they drive (bench, parity)."""
-    registrars = []
-    for module, attr in (("anychip.bench.cli", "register"), ("anychip.parity", "register")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        registrars.append(getattr(mod, attr))
-    return registrars
-
-
 def main(argv: list[str] | None = None) -> int:
-    from anychip.backends import BackendError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (UsageError, BackendError, ValueError) as exc:
-        # Bad input: one line, exit status 2 (argparse's convention).
-        print(f"anychip {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("anychip: interrupted", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(argv)
+    return run_command(args, args.command)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """``anychip parity``: train the same seeded model on several backends and compare the losses
-step by step (issue 7), so a move between chips can be gated in CI.
+step by step, so a move between chips can be gated in CI.
 
 Each backend runs in its own subprocess (``python -m anychip.parity --worker ...``): the
 backends never share a process, a global setting or an allocator, which is how a user runs
@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from anychip.backends import load_plugins  # stdlib-only: the parity CLI stays light
+from anychip.backends import load_plugins, resolve  # stdlib-only: the parity CLI stays light
+from anychip.cliargs import Parser, positive_float, positive_int, run_command
+from anychip.errors import BackendError
 
 # -- one backend (the worker) --------------------------------------------------------------------
 
@@ -33,17 +34,19 @@ from anychip.backends import load_plugins  # stdlib-only: the parity CLI stays l
 def run_backend(backend: str, workload: str, *, steps: int, precision: str, batch: int | None, seq: int | None,
                 seed: int, lr: float) -> dict:
     """Train ``workload`` on ``backend`` for ``steps`` updates; every loss, read each step."""
-    import anychip as ac
     from anychip import workloads
+    from anychip.backends import backend as select
+    from anychip.optim import AdamW, WarmupCosine
+    from anychip.step import TrainStep
 
     w = workloads.get(workload)
-    be = ac.backend(backend)
+    be = select(backend)
     # The recipe of `anychip train`: AdamW, warm-up + cosine, clipping; one fixed seed.
-    schedule = ac.WarmupCosine(warmup=max(1, steps // 10), total=steps)
+    schedule = WarmupCosine(warmup=max(1, steps // 10), total=steps)
     # on_nonfinite="ignore": a NaN loss is recorded (and reported as a mismatch) instead of
     # ending the worker, so the table still shows where the run went wrong.
-    step = ac.TrainStep(
-        w.build(seed=seed), w.loss_fn, ac.AdamW(lr=lr, weight_decay=0.1, schedule=schedule),
+    step = TrainStep(
+        w.build(seed=seed), w.loss_fn, AdamW(lr=lr, weight_decay=0.1, schedule=schedule),
         backend=be, precision=precision, max_grad_norm=1.0, on_nonfinite="ignore",
     )
     batch, seq = batch or w.default_batch, seq or w.default_seq
@@ -126,34 +129,22 @@ def format_table(losses: dict[str, list[float]], reference: str, result: dict, r
 
 
 def _backend_names(text: str) -> list[str]:
-    """The backends to compare, each known and available (probes only: no SDK is imported)."""
-    import difflib
-
-    from anychip.backends import ALIASES, BackendError, UnknownBackendError, registrations
-
+    """The backends to compare, each known and available (probes only: no SDK is imported).
+    An alias is refused: a comparison names exactly the stacks it compares."""
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if len(names) < 2:
         raise ValueError(f"--backends needs at least two comma-separated backends to compare, got {text!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--backends names a backend twice: {text!r}")
-    known = {r.name: r for r in registrations()}
-    for name in names:
-        if name in ALIASES:
-            raise ValueError(f"--backends: {name!r} is an alias of {', '.join(ALIASES[name])}; name the one to compare")
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UnknownBackendError(f"unknown backend {name!r}.{hint} Known backends: {', '.join(sorted(known))}.")
-        avail = known[name].probe()
-        if not avail.available:
-            fix = f" Install: {avail.install}" if avail.install else ""
-            raise BackendError(f"backend {name!r} is unavailable: {avail.reason}.{fix}")
-    return names
+    try:
+        return [name for name, _ in resolve(names, aliases="refuse", available=True)]
+    except BackendError:  # unknown (with a did-you-mean) or unavailable (with the install command)
+        raise
+    except ValueError as exc:  # an alias, or a backend named twice
+        raise ValueError(f"--backends: {exc}") from None
 
 
 def cmd_parity(args) -> int:
-    import anychip as ac
     from anychip import workloads
+    from anychip.precision import policy
 
     # Everything the user typed is checked before the first worker starts.
     load_plugins()
@@ -162,7 +153,7 @@ def cmd_parity(args) -> int:
         w = workloads.get(args.workload)
     except TypeError as exc:
         raise ValueError(str(exc)) from None
-    precision = ac.policy(args.precision).name
+    precision = policy(args.precision).name
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise ValueError(f"--json {args.json}: directory {Path(args.json).absolute().parent} does not exist")
 
@@ -216,8 +207,6 @@ def cmd_parity(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``anychip parity`` to the CLI (called by :func:`anychip.cli.build_parser`)."""
-    from anychip.cli import positive_float, positive_int
-
     p = subparsers.add_parser("parity", help="train on several backends and compare the loss step by step")
     p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory")
     p.add_argument("--backends", default="cpu,jax:cpu", help="comma-separated; the first is the reference (default: cpu,jax:cpu)")
@@ -232,9 +221,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_parity)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m anychip.parity ARGS`` is ``anychip parity ARGS``."""
+    parser = Parser(prog="anychip")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    args = parser.parse_args(["parity", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(args, "parity")
+
+
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:
         sys.exit(worker_main(sys.argv[1:]))
-    from anychip.cli import main
-
-    sys.exit(main(["parity", *sys.argv[1:]]))
+    sys.exit(main())

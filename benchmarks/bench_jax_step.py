@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("jax")
@@ -23,52 +22,17 @@ pytest.importorskip("optax")
 
 import anychip as ac  # noqa: E402
 from anychip import workloads  # noqa: E402
+from anychip.bench.baseline import plain_jax_mlp_step  # noqa: E402
 
 STEPS = 20  # steps per timed round
 BATCH = 256
 LR = 1e-3
 
 
-def plain_jax_step(model):
-    """The baseline: the MLP and AdamW written directly in JAX/optax."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    params = [(jnp.asarray(m.weight.detach().numpy()), jnp.asarray(m.bias.detach().numpy())) for m in model if hasattr(m, "weight")]
-    tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
-    opt_state = tx.init(params)
-
-    def loss_fn(params, x, y):
-        h = x
-        for i, (w, b) in enumerate(params):
-            h = h @ w.T + b
-            if i < len(params) - 1:
-                h = jax.nn.gelu(h, approximate=False)
-        return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
-
-    def update(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    update = jax.jit(update, donate_argnums=(0, 1))
-    state = {"params": params, "opt": opt_state}
-
-    def step(batch):
-        x, y = batch
-        state["params"], state["opt"], loss = update(state["params"], state["opt"], jnp.asarray(x.numpy()), jnp.asarray(y.numpy().astype(np.int32)))
-        if not bool(jnp.isfinite(loss)):
-            raise FloatingPointError("loss is not finite")
-        return loss
-
-    return step
-
-
 def test_trainstep_jax_cpu_vs_plain_jax(benchmark):
     w = workloads.get("mlp")
     batches = [w.batch(i, BATCH, 1) for i in range(STEPS)]
-    baseline = plain_jax_step(w.build(seed=0))
+    baseline = plain_jax_mlp_step(w.build(seed=0), lr=LR)  # the MLP and AdamW written directly in JAX/optax
     ours = ac.TrainStep(w.build(seed=0), w.loss_fn, ac.AdamW(lr=LR), backend="jax:cpu")
     # same math: the first losses agree (optax.adamw differs from torch's order only in rounding)
     first = [float(baseline(b)) for b in batches[:2]], [ours(b).loss for b in batches[:2]]

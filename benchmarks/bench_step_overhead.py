@@ -1,4 +1,5 @@
-"""TrainStep's own cost: a tiny MLP step through anychip vs the same step written by hand.
+"""TrainStep's own cost: a tiny MLP step through anychip vs the same step written by hand
+(anychip.bench.baseline.plain_torch_step).
 
 Both sides do the same work (forward, backward, clip_grad_norm_, AdamW, schedule); the step
 is small on purpose so that any per-step Python overhead of TrainStep shows. The two loops
@@ -13,30 +14,12 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
 import anychip as ac
 from anychip import workloads
+from anychip.bench.baseline import plain_torch_step
 
 ROUNDS, STEPS = 41, 40
 MAX_RATIO = 1.05
-
-
-def _hand_written(model, loss_fn, spec):
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: spec.schedule.value(s))
-
-    def step(batch):
-        loss = loss_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
 
 
 def _time(fn, batch) -> float:
@@ -51,7 +34,7 @@ def test_trainstep_overhead_vs_hand_written(benchmark):
     spec = ac.AdamW(lr=1e-3, weight_decay=0.1, schedule=ac.WarmupCosine(10, 10_000))
     batch = w.batch(0, 64)
     ours = ac.TrainStep(w.build(seed=0), w.loss_fn, spec, backend="cpu", max_grad_norm=1.0)
-    theirs = _hand_written(w.build(seed=0), w.loss_fn, spec)
+    theirs = plain_torch_step(w.build(seed=0), w.loss_fn, spec, max_grad_norm=1.0)
     for fn in (ours, theirs):  # warm-up: allocator, first-call paths
         _time(fn, batch)
     t_ours, t_theirs = [], []

@@ -1,5 +1,6 @@
 """One training step of each small built-in workload on every available backend, next to the
-same step written by hand in plain PyTorch on the CPU (the baseline, timed in the same run).
+same step written by hand in plain PyTorch on the CPU (the baseline of
+anychip.bench.baseline, timed in the same run).
 
 pytest-benchmark groups the results by workload; every backend's entry carries
 ``extra_info["vs_plain_torch"]``: its median step time over the baseline's (below 1 = faster
@@ -19,6 +20,7 @@ import pytest
 import anychip as ac
 from anychip import workloads
 from anychip.backends import backends
+from anychip.bench.baseline import plain_torch_step
 
 WORKLOADS = ("mlp", "gpt-tiny")
 BACKENDS = tuple(a.name for a in backends() if a.available)
@@ -27,24 +29,6 @@ ROUNDS, WARMUP = 20, 3
 
 def _optimizer():
     return ac.AdamW(lr=1e-3, weight_decay=0.1)
-
-
-def _plain_torch_step(model, loss_fn):
-    """What a user writes without anychip: the same work as TrainStep (AdamW, clipping)."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-
-    def step(batch):
-        loss = loss_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
 
 
 def _median_step(fn, batch, rounds: int = ROUNDS) -> float:
@@ -61,13 +45,14 @@ def _median_step(fn, batch, rounds: int = ROUNDS) -> float:
 @functools.lru_cache(maxsize=None)
 def _baseline_median(workload: str) -> float:
     w = workloads.get(workload)
-    return _median_step(_plain_torch_step(w.build(seed=0), w.loss_fn), w.batch(0, w.default_batch, w.default_seq, 0))
+    step = plain_torch_step(w.build(seed=0), w.loss_fn, _optimizer(), max_grad_norm=1.0)
+    return _median_step(step, w.batch(0, w.default_batch, w.default_seq, 0))
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_plain_torch_baseline(benchmark, workload):
     w = workloads.get(workload)
-    step = _plain_torch_step(w.build(seed=0), w.loss_fn)
+    step = plain_torch_step(w.build(seed=0), w.loss_fn, _optimizer(), max_grad_norm=1.0)
     batch = w.batch(0, w.default_batch, w.default_seq, 0)
     benchmark.group = workload
     benchmark.pedantic(step, args=(batch,), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
@@ -83,7 +68,7 @@ def test_trainstep(benchmark, workload, backend):
 
     def one(b):
         out = step(b)
-        be.synchronize()  # time the work, not the queueing
+        step.synchronize()  # time the work, not the queueing
         return out
 
     ours = _median_step(one, batch)

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """GPT-2 small, batch 16 x 1024, bf16, three ways in one process on one GPU:
 
-  a. the hand-written loop: ``torch.compile`` + bf16 autocast + fused AdamW (the baseline);
+  a. the hand-written loop: ``torch.compile`` + bf16 autocast + fused AdamW (the baseline,
+     :func:`anychip.bench.baseline.plain_torch_step`);
   b. ``anychip.TrainStep`` on the ``cuda`` backend;
   c. ``anychip.TrainStep`` on ``jax:gpu`` (the same torch model traced through torchax).
 
 All three start from the same weights, see the same batches, clip gradients at 1.0 and use
 AdamW(lr=3e-4, weight_decay=0.1). Each runs ``--warmup`` untimed steps (compilation happens
 there), then ``--steps`` timed steps between two device synchronisations. Reported: tokens/s,
-MFU against ``--peak`` (H100 SXM bf16 dense, 989.4 TFLOP/s), ratios b/a and c/a of tokens/s,
-peak device memory, compile (first step) time and the losses. One configuration failing
-does not stop the others; its error is reported instead.
+MFU against ``--peak`` (default: the GPU's dense bf16 peak from anychip.backends.facts.peaks),
+ratios b/a and c/a of tokens/s, peak device memory, compile (first step) time and the losses.
+One configuration failing does not stop the others; its error is reported instead.
 
 The torch configurations run first and release their memory before JAX starts; JAX's
 preallocation is switched off (``XLA_PYTHON_CLIENT_PREALLOCATE=false``, override it in the
@@ -23,7 +24,6 @@ environment) so the two allocators can share the GPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -36,7 +36,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # Run from a checkout without installing: the repository root holds the anychip package.
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-H100_BF16_PEAK = 989.4e12
 LR, WEIGHT_DECAY, BETAS, EPS, CLIP = 3e-4, 0.1, (0.9, 0.999), 1e-8, 1.0
 
 
@@ -50,14 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--distinct-batches", type=int, default=4, help="batches generated up front and cycled")
-    p.add_argument("--peak", type=float, default=None, help=f"peak FLOP/s for MFU (default {H100_BF16_PEAK:g} on cuda)")
+    p.add_argument("--peak", type=float, default=None, help="peak FLOP/s for MFU (default on cuda: the GPU's dense bf16 peak, "
+                   "from anychip.backends.facts.peaks)")
     p.add_argument("--on-nonfinite", default="raise", choices=("raise", "skip", "ignore"),
                    help="TrainStep policy; 'raise' (the default) reads one flag back per step, as TorchEngine does")
     p.add_argument("--only", default="abc", help="subset of configurations to run, e.g. 'ac'")
-    args = p.parse_args(argv)
-    if args.peak is None and args.device == "cuda":
-        args.peak = H100_BF16_PEAK
-    return args
+    return p.parse_args(argv)
 
 
 def timed(step, sync, batches, warmup: int, steps: int) -> dict:
@@ -97,33 +94,23 @@ def summarise(result: dict, args, tokens_per_step: int, flops_per_token: float) 
 def run_handwritten(args, workload, batches):
     import torch
 
-    device = torch.device(args.device)
-    model = workload.build(seed=0).to(device)
-    loss_of = functools.partial(workload.loss_fn, model)  # forward + cross-entropy, compiled together
-    if device.type == "cuda":  # inductor on CPU would only slow a smoke run down
-        loss_of = torch.compile(loss_of)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
+    from anychip.bench.baseline import plain_torch_step
+    from anychip.optim import AdamW
 
-    def step(batch):
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_of((x, y))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    cuda = args.device == "cuda"
+    # forward + cross-entropy compiled together; inductor on CPU would only slow a smoke run down
+    step = plain_torch_step(workload.build(seed=0), workload.loss_fn, AdamW(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY),
+                            device=args.device, precision="bf16", compile=cuda, max_grad_norm=CLIP, fused=cuda)
 
     def sync():
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
 
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    result = timed(step, sync, batches, args.warmup, args.steps)
-    result["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    result["memory_source"] = "torch.cuda.max_memory_allocated" if device.type == "cuda" else None
+    result = timed(lambda batch: step(batch).detach(), sync, batches, args.warmup, args.steps)
+    result["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+    result["memory_source"] = "torch.cuda.max_memory_allocated" if cuda else None
     return result
 
 
@@ -143,7 +130,7 @@ def run_trainstep(args, workload, batches, backend_name: str):
         ac.AdamW(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY),
         backend=backend, precision="bf16", max_grad_norm=CLIP, on_nonfinite=args.on_nonfinite,
     )
-    result = timed(lambda b: step(b).loss_tensor, backend.synchronize, batches, args.warmup, args.steps)
+    result = timed(lambda b: step(b).loss_tensor, step.synchronize, batches, args.warmup, args.steps)
     try:
         mem = backend.memory_stats()
         result.update(peak_memory_bytes=mem.peak_bytes, memory_source=mem.source)
@@ -199,6 +186,10 @@ def main(argv=None) -> int:
     tokens_per_step = args.batch * args.seq
     flops_per_token = workload.flops_per_token(workload.build(seed=0), args.seq)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    if args.peak is None and args.device == "cuda":
+        from anychip.backends.facts.peaks import peak_flops
+
+        args.peak = peak_flops(device_name, "bf16")  # None for a GPU the table does not know: MFU "-"
     configs = {
         "a": ("a_torch_compile_handwritten", lambda: run_handwritten(args, workload, batches)),
         "b": (f"b_anychip_{args.device}", lambda: run_trainstep(args, workload, batches, args.device)),

@@ -23,35 +23,16 @@ import torch
 
 import anychip as ac
 from anychip import workloads
-from anychip.bench.peaks import peak_flops
+from anychip.backends.facts.peaks import peak_flops
+from anychip.bench.baseline import plain_torch_step
 
 
-def hand_written(model, loss_fn, lr_spec):
-    """The reference loop: exactly what a user writes without anychip."""
-    model = model.cuda()
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr_spec.lr, weight_decay=lr_spec.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_spec.schedule.value(s))
-    compiled = torch.compile(lambda batch: loss_fn(model, batch))
-    from anychip.kernels import defaults
-
-    def plain(batch):
-        # The plain-PyTorch model: every anychip.nn layer on its reference (inline torch) path.
-        with defaults(kernels="reference"):
-            return compiled(batch)
-
-    def step(batch):
-        batch = tuple(t.pin_memory().cuda(non_blocking=True) for t in batch)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = plain(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+def hand_written(model, loss_fn, spec):
+    """The reference loop, exactly what a user writes without anychip: torch.compile of
+    forward+loss on the reference ops (plain PyTorch), bf16 autocast, clipping, fused AdamW,
+    the schedule, and a pinned asynchronous copy of every batch."""
+    return plain_torch_step(model, loss_fn, spec, device="cuda", precision="bf16", compile=True, max_grad_norm=1.0,
+                            fused=True, pin_memory=True, reference_kernels=True)
 
 
 def timed(step, data, warmup: int, steps: int) -> tuple[float, float]:

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from anychip.bench.runner import LAUNCH_ENV  # a launcher's variables: none may leak in from the shell running the tests
+from anychip.bench.supervise import LAUNCH_ENV  # a launcher's variables: none may leak in from the shell running the tests
 from anychip.cli import main
 
-DESIGN_BACKENDS = {"cpu", "cuda", "neuron", "neuron-xla", "jax:tpu", "jax:gpu", "jax:cpu"}
+BUILT_IN_BACKENDS = {"cpu", "cuda", "neuron", "neuron-xla", "jax:tpu", "jax:gpu", "jax:cpu"}
 
 
 def run(*args, env=None):
@@ -28,7 +28,7 @@ def test_devices_json_lists_every_backend_truthfully():
     assert doc["layout"] == {"engine": None, "world_size": 1, "rank": 0, "local_rank": 0, "local_world_size": 1,
                              "coordinator": None, "nodes": 1}
     rows = {r["name"]: r for r in doc["backends"]}
-    assert DESIGN_BACKENDS <= set(rows)
+    assert BUILT_IN_BACKENDS <= set(rows)
     assert rows["cpu"]["available"] is True
     for name, row in rows.items():
         assert row["reason"], name
@@ -39,9 +39,31 @@ def test_devices_json_lists_every_backend_truthfully():
 def test_devices_table_names_every_backend():
     out = run("devices")
     assert out.returncode == 0, out.stderr
-    for name in DESIGN_BACKENDS:
+    for name in BUILT_IN_BACKENDS:
         assert name in out.stdout
     assert out.stdout.rstrip().splitlines()[-1] == "launch: single process (no torchrun or jax.distributed launch detected)"
+
+
+PLUGIN = '''
+from anychip.backends import Availability, Registration, register
+
+def probe(name):
+    return Availability(name, False, "the plug-in's chip is not in this machine", install="pip install plugin-sdk")
+
+register(Registration("plugin-chip", __name__, priority=1, auto=False))
+'''
+
+
+def test_devices_lists_plugin_backends(tmp_path):
+    plugin = tmp_path / "anychip_cli_test_plugin.py"
+    plugin.write_text(PLUGIN)
+    out = run("devices", "--json", env={"ANYCHIP_PLUGINS": str(plugin)})
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)["backends"]}
+    assert BUILT_IN_BACKENDS <= set(rows)
+    assert rows["plugin-chip"]["reason"] == "the plug-in's chip is not in this machine"
+    out = run("devices", env={"ANYCHIP_PLUGINS": str(plugin), "COLUMNS": "250"})
+    assert out.returncode == 0 and "plugin-chip" in out.stdout and "pip install plugin-sdk" in out.stdout
 
 
 # What torchrun --nnodes 2 --nproc-per-node 4 gives the second process of the second node.

@@ -6,6 +6,7 @@ subprocesses) multiplies the loss by (1 + 1e-3) from step 7 on; parity must name
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -23,8 +24,9 @@ PLUGIN_NAME = "anychip_parity_test_plugin"
 PLUGIN = '''
 """Test-only backends and a small workload for tests/test_parity.py, loaded through ANYCHIP_PLUGINS."""
 from anychip.backends import Availability, Registration, register
-from anychip.backends.cpu import CpuBackend, probe as cpu_probe
-from anychip.step import StepOutput, TorchEngine
+from anychip.backends.torch.cpu import CpuBackend, probe as cpu_probe
+from anychip.backends.torch.engine import TorchEngine
+from anychip.engine import StepOutput
 from anychip.workloads import Workload, mlp
 
 PERTURB_FROM = 7
@@ -88,9 +90,13 @@ def plugin_dir(tmp_path):
 
 @pytest.fixture
 def plugin_here(plugin_dir, monkeypatch):
-    """The plug-in, importable in this process (for the in-process bad-input tests)."""
+    """The plug-in, imported in this process (for the in-process bad-input tests). Imported
+    here, not left to load_plugins: that imports each plug-in once per process, and every
+    test unregisters the plug-in's backends when it ends."""
     monkeypatch.syspath_prepend(str(plugin_dir))
     monkeypatch.setenv("ANYCHIP_PLUGINS", PLUGIN_NAME)
+    sys.modules.pop(PLUGIN_NAME, None)
+    importlib.import_module(PLUGIN_NAME)
     yield
     for name in TEST_BACKENDS:
         unregister(name)
@@ -186,7 +192,7 @@ def exit_code(argv) -> int:
 @pytest.mark.parametrize("args, message", [
     (["--backends", "cpu,jxa:cpu"], "unknown backend 'jxa:cpu'. Did you mean 'jax:cpu'?"),
     (["--backends", "cpu"], "needs at least two"),
-    (["--backends", "cpu,cpu"], "names a backend twice"),
+    (["--backends", "cpu,cpu"], "'cpu' is named twice"),
     (["--backends", "cpu,jax"], "'jax' is an alias"),
     (["--backends", "cpu,cpu-missing"], "backend 'cpu-missing' is unavailable: no such device on this machine. Install: pip install imaginary-sdk"),
     (["--workload", "gtp-tiny"], "unknown workload 'gtp-tiny'"),

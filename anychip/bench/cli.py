@@ -11,11 +11,12 @@ laptop and a real comparison on an accelerator machine:
 - ``--workload gpt-tiny``, 5 warm-up + 50 timed steps, the workload's batch and sequence;
 - ``--backends auto``: every available backend of the built-in table, each in its own process
   (``jax:cpu`` included: bench compares stacks, it does not pick one);
-- ``--precision``: fp32 when every selected backend runs on the host CPU (``cpu``,
-  ``jax:cpu``: bf16 autocast on a CPU is slower than fp32 and would only add rounding noise to
-  the parity check), otherwise bf16 (fp32 master weights, what accelerators are measured at
-  and what the MFU peaks in :mod:`anychip.bench.peaks` refer to). Every row uses the same
-  precision, so the loss trajectories stay comparable.
+- ``--precision``: fp32 when every selected backend runs on the host CPU (its registration
+  says ``host_cpu``, as ``cpu`` and ``jax:cpu`` do: bf16 autocast on a CPU is slower than fp32
+  and would only add rounding noise to the parity check), otherwise bf16 (fp32 master
+  weights, what accelerators are measured at and what the MFU peaks in
+  :mod:`anychip.backends.facts.peaks` refer to). Every row uses the same precision, so the
+  loss trajectories stay comparable.
 - ``--nproc 1``: one process per row, as a training script runs without a launcher.
   ``--nproc 1,2,4`` runs every torch backend once per count; a count N > 1 launches the row
   through torchrun (``python -m torch.distributed.run --standalone``) with
@@ -34,26 +35,8 @@ import math
 import os
 import sys
 
-from anychip.cli import UsageError, positive_float, positive_int
-
-HOST_CPU_BACKENDS = frozenset({"cpu", "jax:cpu"})
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _finite_positive_float(text: str) -> float:
-    value = positive_float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+from anychip.bench import plan
+from anychip.cliargs import UsageError, finite_positive_float, nonnegative_float, positive_int
 
 
 def _price(text: str) -> tuple[str, float]:
@@ -115,8 +98,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default=None, help="fp32, bf16 or bf16-pure (default: fp32 on CPU-only runs, else bf16)")
     p.add_argument("--kernels", choices=("auto", "reference"), default="auto", help="custom kernels where available, or the plain-PyTorch reference ops")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=_finite_positive_float, default=900.0, metavar="S", help="seconds one backend may take, start-up and compilation included (default 900)")
-    p.add_argument("--parity-tol", type=_finite_positive_float, default=None, metavar="REL", help="relative loss tolerance (default: 1e-3 fp32, 3e-2 bf16, 6e-2 bf16-pure)")
+    p.add_argument("--timeout", type=finite_positive_float, default=900.0, metavar="S", help="seconds one backend may take, start-up and compilation included (default 900)")
+    p.add_argument("--parity-tol", type=finite_positive_float, default=None, metavar="REL", help="relative loss tolerance (default: 1e-3 fp32, 3e-2 bf16, 6e-2 bf16-pure)")
     p.add_argument("--json", metavar="PATH", help="write the results (versioned schema)")
     p.add_argument("--csv", metavar="PATH", help="write one CSV line per backend")
     p.add_argument("--md", metavar="PATH", help="write a Markdown table")
@@ -127,89 +110,15 @@ def register(subparsers) -> None:
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="how the --nproc N > 1 rows split the model: ddp (replicated, default) or fsdp (sharded)")
     p.add_argument("--print-schema", action="store_true", help="print the JSON schema of --json and exit")
     sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
-    # add_subparsers builds with the parent's class: anychip.cli.Parser, whose errors are one line.
+    # add_subparsers builds with the parent's class: anychip.cliargs.Parser, whose errors are one line.
     c = sub.add_parser("compare", help="compare two --json results: B / A per backend")
     c.add_argument("a", metavar="A.json")
     c.add_argument("b", metavar="B.json")
-    c.add_argument("--max-regression", type=_nonnegative_float, default=0.05, metavar="FRACTION", help="exit 1 when a ratio is worse than this (default 0.05)")
+    c.add_argument("--max-regression", type=nonnegative_float, default=0.05, metavar="FRACTION", help="exit 1 when a ratio is worse than this (default 0.05)")
     p.set_defaults(func=cmd_bench)
 
 
-# -- checking the request -----------------------------------------------------------------
-
-
-def plan_backends(selection: str) -> tuple[list[tuple[str, object]], str]:
-    """``(name, Availability)`` per backend, in run order, and how they were chosen: ``auto``
-    (every available backend that the built-in table lists, plus plug-ins registered with
-    auto=True, by priority), ``all`` (every registered backend) or ``named`` (the names given,
-    in the order given)."""
-    import difflib
-
-    from anychip.backends import ALIASES, REGISTRY, registrations
-
-    regs = {r.name: r for r in registrations()}
-    selection = selection.strip().lower()
-    if selection in ("auto", "all"):
-        chosen = [r for r in regs.values() if selection == "all" or r in REGISTRY or r.auto]
-        found = [(r.name, r.probe()) for r in chosen]
-        if selection == "auto":
-            found = [(n, a) for n, a in found if a.available]
-            if not found:
-                raise UsageError("no backend is available (is torch installed?); see 'anychip devices'")
-        return found, selection
-    names = [n.strip() for n in selection.split(",")]
-    if any(not n for n in names):
-        raise UsageError(f"--backends: empty name in {selection!r}")
-    if any(n in ("auto", "all") for n in names):
-        raise UsageError("--backends: 'auto' and 'all' cannot be combined with names")
-    planned = []
-    for name in names:
-        if name in ALIASES:  # "jax": the first available of jax:tpu, jax:gpu, jax:cpu (documented alias)
-            probes = [(n, regs[n].probe()) for n in ALIASES[name]]
-            name, avail = next(((n, a) for n, a in probes if a.available), probes[0])
-        elif name in regs:
-            avail = regs[name].probe()
-        else:
-            known = sorted(regs) + sorted(ALIASES)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UsageError(f"--backends: unknown backend {name!r}.{hint} Known: {', '.join(known)}, or auto / all.")
-        if name in (n for n, _ in planned):
-            raise UsageError(f"--backends: {name!r} is listed twice")
-        planned.append((name, avail))
-    return planned, "named"
-
-
-# Backends that run in one process whatever --nproc says: those whose registration launches
-# through jax.distributed drive every local device from one process (a jax.sharding.Mesh),
-# which torchrun cannot start.
-def one_process_backends() -> frozenset[str]:
-    from anychip.backends import registrations
-
-    return frozenset(r.name for r in registrations() if r.launcher != "torchrun")
-
-
-def plan_rows(planned: list[tuple[str, object]], nprocs: list[int], explicit: bool) -> tuple[list[tuple[str, object, int]], list[str]]:
-    """``(name, Availability, nproc)`` per row, each backend at each count in turn (an
-    unavailable one once, at the first count: it has nothing to scale), and the backends left
-    at one process. A one-process backend named explicitly while --nproc has no 1 is bad input;
-    picked by auto/all it is left out with a note."""
-    single = one_process_backends()
-    rows, left = [], []
-    for name, avail in planned:
-        counts = nprocs
-        if name in single and nprocs != [1]:
-            counts = [n for n in nprocs if n == 1]
-            left.append(name)
-            if not counts and explicit:
-                raise UsageError(
-                    f"--nproc {','.join(map(str, nprocs))}: {name} runs in one process (JAX drives every local device "
-                    "itself; torchrun cannot launch it); add 1 to --nproc or leave it out of --backends"
-                )
-        rows += [(name, avail, n) for n in (counts if avail.available else counts[:1])]
-    if not rows:
-        raise UsageError(f"--nproc {','.join(map(str, nprocs))}: none of the selected backends runs under torchrun; add 1 to --nproc")
-    return rows, left
+# -- checking and running ------------------------------------------------------------------
 
 
 def _check_output(flag: str, path: str | None) -> None:
@@ -226,14 +135,6 @@ def _check_output(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} {path}: not writable")
 
 
-def _default_precision(planned) -> str:
-    runnable = [n for n, a in planned if a.available]
-    return "fp32" if runnable and all(n in HOST_CPU_BACKENDS for n in runnable) else "bf16"
-
-
-# -- running ------------------------------------------------------------------------------------
-
-
 def cmd_bench(args) -> int:
     if args.bench_command == "compare":
         return cmd_compare(args)
@@ -244,7 +145,8 @@ def cmd_bench(args) -> int:
         return 0
 
     from anychip import workloads
-    from anychip.bench import metrics, prices, report, runner
+    from anychip.backends import load_plugins
+    from anychip.bench import metrics, prices, report
     from anychip.distributed import DistributedError, world_size
     from anychip.precision import policy
 
@@ -258,14 +160,14 @@ def cmd_bench(args) -> int:
     if args.parallel is not None and max(args.nproc) == 1:
         raise UsageError(f"--parallel {args.parallel} applies to --nproc counts > 1 (e.g. --nproc 1,2)")
     parallel = (args.parallel or "ddp") if max(args.nproc) > 1 else None
-    runner.load_plugins()  # ValueError -> exit 2
+    load_plugins()  # a plug-in that cannot be imported: ValueError, exit 2
     try:
         workload = workloads.get(args.workload)
     except (TypeError, ImportError) as exc:
         raise UsageError(str(exc)) from None
-    planned, chosen_by = plan_backends(args.backends)
-    row_plan, one_process = plan_rows(planned, args.nproc, explicit=chosen_by == "named")
-    precision = policy(args.precision).name if args.precision is not None else _default_precision(planned)
+    planned, chosen_by = plan.plan_backends(args.backends)
+    row_plan, one_process = plan.plan_rows(planned, args.nproc, explicit=chosen_by == "named")
+    precision = policy(args.precision).name if args.precision is not None else plan.default_precision(planned)
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
         _check_output(flag, path)
     if args.plot:
@@ -297,7 +199,7 @@ def cmd_bench(args) -> int:
         "parallel": parallel,
         "one_process_backends": one_process,
     }
-    rows, interrupted = _run(args, row_plan, config, price_overrides, peak_tflops)
+    rows, interrupted = _run_rows(args, row_plan, config, price_overrides, peak_tflops)
     metrics.add_parity(rows, tolerance)
     metrics.add_scaling(rows)
     doc = report.document(command=_command(args, config), started_at=started_at, config=config, rows=rows, interrupted=interrupted)
@@ -345,12 +247,13 @@ def _command(args, config) -> list[str]:
     return cmd
 
 
-def _run(args, row_plan, config, price_overrides, peak_tflops) -> tuple[list[dict], bool]:
+def _run_rows(args, row_plan, config, price_overrides, peak_tflops) -> tuple[list[dict], bool]:
     """Run every planned row (a backend at a process count) in turn under a live progress display."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from anychip.bench import metrics, runner
+    from anychip.bench import metrics, supervise
+    from anychip.bench.measure import RunSpec
 
     precision = config["precision"]
     rows = []
@@ -392,12 +295,12 @@ def _run(args, row_plan, config, price_overrides, peak_tflops) -> tuple[list[dic
                     elif kind == "step":
                         progress.update(task, completed=args.warmup + event["done"], phase="timing")
 
-                spec = runner.RunSpec(
+                spec = RunSpec(
                     backend=row["backend"], workload=args.workload, steps=args.steps, warmup=args.warmup,
                     batch=config["batch"], seq=config["seq"], precision=precision, kernels=args.kernels, seed=args.seed,
                     nproc=row["world_size"], parallel=row["parallel"],
                 )
-                outcome = runner.run_backend(spec, args.timeout, on_event)
+                outcome = supervise.run_backend(spec, args.timeout, on_event)
                 row.update(status=outcome.status, error=outcome.error, startup_s=outcome.startup_s, wall_s=outcome.wall_s)
                 if outcome.ready:
                     row.update(device_kind=outcome.ready.get("device_kind") or "", devices=outcome.ready.get("devices"),

@@ -10,7 +10,7 @@ Definitions (what the report's columns mean):
   The percentiles come from the other half, synchronised per step. Without a window (fewer
   than 4 timed steps): per step / median step time.
 - MFU: tokens/s x training FLOPs per token / peak FLOP/s of the devices used
-  (:func:`anychip.bench.peaks.mfu`).
+  (:func:`anychip.backends.facts.peaks.mfu`).
 - cost: USD per hour of the devices used / 3600 / tokens per second x 1e6.
 - loss parity: per step, |loss - reference loss| / max(|reference loss|, 1e-12), against the
   first row that finished with the same number of processes; a non-finite loss counts as an
@@ -30,7 +30,8 @@ import dataclasses
 import math
 from typing import Sequence
 
-from anychip.bench import peaks
+from anychip.backends.facts import peaks
+from anychip.bench import prices
 
 # Relative loss tolerance per precision. fp32 on different stacks differs in reduction order
 # only (expect 1e-6..1e-4 after tens of steps); bf16 autocast rounds every matmul input to
@@ -212,8 +213,6 @@ def finish_row(
     peak_tflops: dict[str, float] | None = None,
 ) -> dict:
     """Fill ``row`` from a child's measurements and derive throughput, MFU and cost."""
-    from anychip.bench import prices
-
     times = measured["step_times_s"]
     losses = [float(x) if x is not None and math.isfinite(float(x)) else None for x in measured["losses"]]
     summary = step_time_summary(times)
@@ -254,9 +253,9 @@ def finish_row(
         cpu_threads=measured.get("cpu_threads"),
     )
     # Peak of the devices one process drives: --peak-tflops (per backend / device kind, or for
-    # every row) beats the backend's own figure from anychip.bench.peaks. The row's peak is that
-    # of the devices it uses: N processes on distinct devices have N times it (on shared
-    # devices, as often as there are devices).
+    # every row) beats the backend's own figure from anychip.backends.facts.peaks. The row's
+    # peak is that of the devices it uses: N processes on distinct devices have N times it (on
+    # shared devices, as often as there are devices).
     given = _override(peak_tflops, row["backend"], row["device_kind"])
     process_peak = None
     if given is not None:

@@ -68,7 +68,7 @@ _TPU = "https://cloud.google.com/tpu/pricing"
 _GCE = "https://cloud.google.com/compute/gpus-pricing"
 
 # Order matters: the first pattern that matches a device kind wins, so per-core Trainium
-# entries come before the per-chip ones (the same device names as anychip.bench.peaks).
+# entries come before the per-chip ones (the same device names as anychip.backends.facts.peaks).
 PRICES: tuple[InstancePrice, ...] = (
     InstancePrice("p5.48xlarge", "AWS", "us-east-1", 55.04, 8, "H100 SXM GPU", r"H100", _AWS),
     InstancePrice("trn1.32xlarge", "AWS", "us-east-1", 21.50, 32, "NeuronCore-v2", r"(trainium1?|trn1)\b.*core|NeuronCore-v2", _AWS),

@@ -1,5 +1,5 @@
 """Test-only backends for ``anychip bench``, loaded through ``ANYCHIP_PLUGINS=anychip_bench_fakes``
-in the bench process and in every runner child. Each is the real ``cpu`` backend with one
+in the bench process and in every measuring child. Each is the real ``cpu`` backend with one
 behaviour changed; none is ever auto-selected (``auto=False``).
 
 - ``fake-crash``: the process dies with ``os._exit(3)`` inside update ``FAIL_AT`` (no Python
@@ -17,7 +17,7 @@ import os
 import time
 
 from anychip.backends import Availability, Registration, register, registrations
-from anychip.backends.cpu import CpuBackend
+from anychip.backends.torch.cpu import CpuBackend
 
 FAIL_AT = 2  # with --warmup 1 this is the first timed update
 ACCEL_PEAK_FLOPS = 1e9

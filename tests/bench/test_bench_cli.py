@@ -7,7 +7,7 @@ import pytest
 from bench_support import one_line, run_cli
 
 from anychip.bench import cli as bench_cli
-from anychip.bench import runner
+from anychip.bench import plan, supervise
 from anychip.cli import UsageError
 
 
@@ -16,14 +16,14 @@ def no_runs(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a backend was started although the input was bad")
 
-    monkeypatch.setattr(runner, "run_backend", refuse)
+    monkeypatch.setattr(supervise, "run_backend", refuse)
 
 
 BAD = [
     (["--workload", "gpt-huge"], "unknown workload 'gpt-huge'"),
     (["--workload", "no_such_module_xyz:factory"], "cannot load workload"),
     (["--backends", "cdua"], "unknown backend 'cdua'. Did you mean 'cuda'?"),
-    (["--backends", "cpu,cpu"], "'cpu' is listed twice"),
+    (["--backends", "cpu,cpu"], "'cpu' is named twice"),
     (["--backends", "cpu,,jax:cpu"], "empty name"),
     (["--backends", "auto,cpu"], "cannot be combined"),
     (["--steps", "0"], "must be >= 1"),
@@ -85,34 +85,34 @@ def test_bench_refuses_to_run_inside_a_launch(monkeypatch, no_runs):
 
 
 def test_rows_per_process_count_with_jax_at_one_process_only(fakes):
-    planned, chosen_by = bench_cli.plan_backends("cpu,jax:cpu,fake-accel,fake-missing")
+    planned, chosen_by = plan.plan_backends("cpu,jax:cpu,fake-accel,fake-missing")
     assert chosen_by == "named"
-    rows, left = bench_cli.plan_rows(planned, [1, 2, 4], explicit=True)
+    rows, left = plan.plan_rows(planned, [1, 2, 4], explicit=True)
     # an unavailable backend is one row (at the first count), not one per count
     assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("cpu", 2), ("cpu", 4), ("jax:cpu", 1), ("fake-accel", 1), ("fake-accel", 2),
                                                   ("fake-accel", 4), ("fake-missing", 1)]
     assert left == ["jax:cpu"]
-    rows, left = bench_cli.plan_rows(planned, [1], explicit=True)  # the default: one row per backend, nothing left out
+    rows, left = plan.plan_rows(planned, [1], explicit=True)  # the default: one row per backend, nothing left out
     assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("jax:cpu", 1), ("fake-accel", 1), ("fake-missing", 1)] and left == []
     # picked by auto/all, a jax backend without a 1 in --nproc is left out with a note, not an error
-    rows, left = bench_cli.plan_rows(planned, [2, 4], explicit=False)
+    rows, left = plan.plan_rows(planned, [2, 4], explicit=False)
     assert [(name, n) for name, _, n in rows] == [("cpu", 2), ("cpu", 4), ("fake-accel", 2), ("fake-accel", 4), ("fake-missing", 2)]
     assert left == ["jax:cpu"]
     with pytest.raises(UsageError, match="none of the selected backends runs under torchrun"):
-        bench_cli.plan_rows(bench_cli.plan_backends("jax:cpu")[0], [2], explicit=False)
+        plan.plan_rows(plan.plan_backends("jax:cpu")[0], [2], explicit=False)
 
 
 def test_a_plugin_registered_with_jax_distributed_runs_in_one_process(fakes):
     from anychip.backends import Registration, register, unregister
 
-    register(Registration("fake-mesh", "anychip.backends.cpu", 1, auto=False, launcher="jax.distributed"))
+    register(Registration("fake-mesh", "anychip.backends.torch.cpu", 1, auto=False, launcher="jax.distributed"))
     try:
-        rows, left = bench_cli.plan_rows(bench_cli.plan_backends("cpu,fake-mesh")[0], [1, 2], explicit=True)
+        rows, left = plan.plan_rows(plan.plan_backends("cpu,fake-mesh")[0], [1, 2], explicit=True)
     finally:
         unregister("fake-mesh")
     assert [(name, n) for name, _, n in rows] == [("cpu", 1), ("cpu", 2), ("fake-mesh", 1)] and left == ["fake-mesh"]
     with pytest.raises(ValueError, match="launcher of 'x' must be one of"):
-        Registration("x", "anychip.backends.cpu", 1, launcher="mpirun")
+        Registration("x", "anychip.backends.torch.cpu", 1, launcher="mpirun")
 
 
 def test_unwritable_output_path(tmp_path, no_runs):
@@ -133,24 +133,24 @@ def test_defaults_without_arguments():
 
     args = build_parser().parse_args(["bench"])
     assert (args.workload, args.backends, args.steps, args.warmup, args.precision) == ("gpt-tiny", "auto", 50, 5, None)
-    planned, chosen_by = bench_cli.plan_backends("auto")
+    planned, chosen_by = plan.plan_backends("auto")
     assert chosen_by == "auto" and "cpu" in [n for n, _ in planned] and all(a.available for _, a in planned)
 
 
 def test_auto_all_and_explicit_selection(fakes):
-    auto = [n for n, _ in bench_cli.plan_backends("auto")[0]]
+    auto = [n for n, _ in plan.plan_backends("auto")[0]]
     assert not any(n.startswith("fake-") for n in auto)  # test fakes are never auto-selected
-    every, chosen_by = bench_cli.plan_backends(" ALL ")
+    every, chosen_by = plan.plan_backends(" ALL ")
     every = dict(every)
     assert chosen_by == "all"
     assert every["fake-missing"].available is False and "cpu" in every
-    explicit, chosen_by = bench_cli.plan_backends("fake-accel, CPU")
+    explicit, chosen_by = plan.plan_backends("fake-accel, CPU")
     assert [n for n, _ in explicit] == ["fake-accel", "cpu"] and chosen_by == "named"
 
 
 def test_default_precision(fakes):
-    assert bench_cli._default_precision(bench_cli.plan_backends("cpu")[0]) == "fp32"
-    assert bench_cli._default_precision(bench_cli.plan_backends("cpu,fake-accel")[0]) == "bf16"
+    assert plan.default_precision(plan.plan_backends("cpu")[0]) == "fp32"
+    assert plan.default_precision(plan.plan_backends("cpu,fake-accel")[0]) == "bf16"
 
 
 def test_print_schema():

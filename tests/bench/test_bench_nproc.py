@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from anychip.bench import runner, schema
+from anychip.bench import schema, supervise
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _bench(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in runner.LAUNCH_ENV}
+    clean = {k: v for k, v in os.environ.items() if k not in supervise.LAUNCH_ENV}
     return subprocess.run([sys.executable, "-m", "anychip.cli", "bench", *argv], capture_output=True, text=True,
                           timeout=300, env={**clean, **(env or {})})
 
@@ -102,7 +102,7 @@ def test_nproc_1_2_on_the_cpu(tmp_path):
 def _hung_torchrun_bench(marker, out) -> tuple[subprocess.Popen, list[int]]:
     """A bench whose one row (fake-hang, 2 processes) has both ranks stuck in a step; the
     ranks' pids. Every process of the run carries ANYCHIP_FAKE_HANG_MARKER=<marker>."""
-    env = {k: v for k, v in os.environ.items() if k not in runner.LAUNCH_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in supervise.LAUNCH_ENV}
     env.update(ANYCHIP_FAKE_HANG_MARKER=str(marker), ANYCHIP_PLUGINS="anychip_bench_fakes",
                PYTHONPATH=os.pathsep.join([HERE, env.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
@@ -174,17 +174,17 @@ def test_n_process_rows_share_the_cpus_when_omp_num_threads_is_unset(monkeypatch
     """torchrun alone would give each rank 1 thread, while the 1-process row uses every core."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
-    assert "OMP_NUM_THREADS" not in runner._child_env("token", 1)  # torch's default: every core
-    assert runner._child_env("token", 2)["OMP_NUM_THREADS"] == "16"
-    assert runner._child_env("token", 64)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in supervise._child_env("token", 1)  # torch's default: every core
+    assert supervise._child_env("token", 2)["OMP_NUM_THREADS"] == "16"
+    assert supervise._child_env("token", 64)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice holds for every row (torchrun keeps it too)
-    assert runner._child_env("token", 2)["OMP_NUM_THREADS"] == "3"
+    assert supervise._child_env("token", 2)["OMP_NUM_THREADS"] == "3"
 
 
 def test_a_failed_torchrun_row_says_a_rank_failed():
-    assert runner._describe_exit(1, nproc=2) == "torchrun exited with status 1: a rank failed (see the log tail)"
-    assert runner._describe_exit(1) == "exited with status 1"
-    assert runner._describe_exit(-signal.SIGKILL, nproc=2) == "killed by SIGKILL (out of memory?)"
+    assert supervise._describe_exit(1, nproc=2) == "torchrun exited with status 1: a rank failed (see the log tail)"
+    assert supervise._describe_exit(1) == "exited with status 1"
+    assert supervise._describe_exit(-signal.SIGKILL, nproc=2) == "killed by SIGKILL (out of memory?)"
 
 
 def test_a_kill_reaches_processes_in_other_sessions():
@@ -196,19 +196,19 @@ def test_a_kill_reaches_processes_in_other_sessions():
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
         "time.sleep(120)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env={**os.environ, runner.RUN_ENV: token})
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, env={**os.environ, supervise.RUN_ENV: token})
     try:
         deadline = time.monotonic() + 30
-        while len(_live_with_env(f"{runner.RUN_ENV}={token}")) < 2 and time.monotonic() < deadline:
+        while len(_live_with_env(f"{supervise.RUN_ENV}={token}")) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        pids = _live_with_env(f"{runner.RUN_ENV}={token}")
+        pids = _live_with_env(f"{supervise.RUN_ENV}={token}")
         assert len(pids) == 2
-        runner._kill(proc, token)
+        supervise._kill(proc, token)
         assert proc.returncode == -signal.SIGKILL
         time.sleep(0.2)  # SIGKILL is delivered asynchronously to the other session
         assert [p for p in pids if _alive(p)] == []
     finally:
         if proc.poll() is None:
             proc.kill()
-        for pid in _live_with_env(f"{runner.RUN_ENV}={token}"):  # what a failed kill left behind
+        for pid in _live_with_env(f"{supervise.RUN_ENV}={token}"):  # what a failed kill left behind
             os.kill(pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""`anychip bench` end to end: real runner processes, one per backend, with test-only backends
+"""`anychip bench` end to end: real measuring processes, one per backend, with test-only backends
 that crash, raise, hang or claim a peak FLOP/s (tests/bench/anychip_bench_fakes.py)."""
 
 from __future__ import annotations

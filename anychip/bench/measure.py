@@ -1,0 +1,271 @@
+"""The child side of ``anychip bench``: one row measured in a process of its own.
+
+``python -m anychip.bench.measure --spec JSON --events SOCKET`` builds the workload's model and
+batches, a :class:`~anychip.step.TrainStep` on the row's backend, warms it up (compilation
+happens there) and times it; the parent (:mod:`anychip.bench.supervise`) starts it, once per
+row, under torchrun for an ``nproc`` > 1 row (every rank trains, rank 0 alone reports).
+
+The child reports on a channel of its own, so that whatever a library prints to stdout/stderr
+cannot corrupt the protocol: a UNIX socket the parent listens on, named by ``--events`` (a
+path, not an inherited file descriptor: torchrun passes no descriptors to the workers it
+starts). One JSON object per line:
+
+    {"event": "ready", "device_kind": ..., "devices": ..., "versions": {...}, "layout": {...}}
+    {"event": "step", "phase": "warmup" | "timed", "done": k, "total": n}
+    {"event": "result", "row": {...measurements...}}      or      {"event": "error", ...}
+
+Test-only or third-party backends reach the child through ``ANYCHIP_PLUGINS`` (loaded before
+any backend is looked up). Same seed, same initial weights, same batches on every backend: the
+model is built on the host from ``workload.build(seed)`` and every batch from
+``workload.batch(step, ..., seed)``, generated before the clock starts. Under torchrun every
+rank builds the same global batch (``nproc`` x ``batch`` samples: weak scaling) and
+``TrainStep(parallel=...)`` trains each rank on its slice of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Callable
+
+from anychip.backends import load_plugins
+
+# The bench's pid, which every process of a row watches (_watch_parent).
+BENCH_PID_ENV = "ANYCHIP_BENCH_PARENT"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What one child measures. Everything a row must share with the others is in here."""
+
+    backend: str
+    workload: str
+    steps: int
+    warmup: int
+    batch: int | None = None
+    seq: int | None = None
+    precision: str = "fp32"
+    kernels: str = "auto"
+    seed: int = 0
+    lr: float = 1e-3
+    nproc: int = 1  # processes; > 1: launched by torchrun, batch per process, N x batch per step
+    parallel: str | None = None  # TrainStep(parallel=...) of an nproc > 1 row: "ddp" or "fsdp"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.nproc, int) and self.nproc >= 1):
+            raise ValueError(f"nproc must be an int >= 1, got {self.nproc!r}")
+        if (self.parallel is None) != (self.nproc == 1):
+            raise ValueError(f"nproc={self.nproc} needs parallel='ddp' or 'fsdp' exactly when nproc > 1, got {self.parallel!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        return cls(**json.loads(text))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive: another user's process (the pid was reused)
+        pass
+    return False
+
+
+def _watch_parent() -> None:
+    """Exit when the parent or the bench goes away (killed with SIGKILL, say): a hung child must
+    not outlive the run that started it. It leads its own session, so nothing else would stop
+    it. Under torchrun a rank's parent is torchrun, which watches nothing: the ranks watch the
+    bench (``$ANYCHIP_BENCH_PARENT``) and exit, and torchrun follows its failed workers."""
+    parent = os.getppid()
+    bench = int(os.environ.get(BENCH_PID_ENV) or 0)
+
+    def watch():
+        while True:
+            if os.getppid() != parent or (bench and _gone(bench)):
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="anychip-bench-parent-watch", daemon=True).start()
+
+
+def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
+    """Build, warm up and time one backend; returns the measurement row."""
+    import platform
+
+    from anychip import distributed, workloads
+    from anychip.backends import backend as select
+    from anychip.optim import AdamW, WarmupCosine
+    from anychip.step import TrainStep
+    from anychip.version import __version__
+
+    load_plugins()
+    world = distributed.world_size()
+    if world != spec.nproc:
+        raise RuntimeError(f"this row runs on {spec.nproc} process(es), but the launch has world size {world}")
+    backend = select(spec.backend)
+    import torch  # after the backend: some backends configure the environment torch reads
+
+    versions = {"python": platform.python_version(), "anychip": __version__, "torch": torch.__version__}
+    versions.update(backend.availability.versions)
+    emit("ready", device_kind=backend.device_kind, devices=backend.device_count, versions=versions,
+         layout=distributed.layout().as_dict())
+
+    t0 = time.perf_counter()
+    workload = workloads.get(spec.workload)
+    batch_size = spec.batch or workload.default_batch  # per process
+    seq = spec.seq or workload.default_seq
+    total = spec.warmup + spec.steps
+    # Weak scaling: every rank builds the same global batch of world x batch samples and
+    # TrainStep trains each on its slice (split_batches), so each process keeps `batch`.
+    global_batch = batch_size * world
+    batches = [workload.batch(i, global_batch, seq, spec.seed) for i in range(total)]
+    model = workload.build(seed=spec.seed)
+    flops_per_token = float(workload.flops_per_token(model, seq))
+    schedule = WarmupCosine(warmup=max(1, total // 10), total=total, min_ratio=0.1)
+    step = TrainStep(
+        model,
+        workload.loss_fn,
+        AdamW(lr=spec.lr, weight_decay=0.1, schedule=schedule),
+        backend=backend,
+        precision=spec.precision,
+        max_grad_norm=1.0,
+        kernels=spec.kernels,
+        parallel=spec.parallel,
+    )
+    setup_s = time.perf_counter() - t0
+
+    # Warm-up: compilation (torch.compile, jax.jit, Neuron) happens here and is reported
+    # separately from the steady state.
+    outputs, warm_times = [], []
+    for i in range(spec.warmup):
+        t = time.perf_counter()
+        outputs.append(step(batches[i]))
+        step.synchronize()
+        warm_times.append(time.perf_counter() - t)
+        emit("step", phase="warmup", done=i + 1, total=spec.warmup)
+
+    if world > 1:
+        distributed.barrier()  # the ranks leave warm-up at different times; start the clock together
+    backend.reset_peak_memory()
+    # Two views of the steady state. First half: a throughput window, steps back to back and
+    # one synchronisation at its end, as a training loop runs (tokens/s comes from it; a sync
+    # per step would take JAX's dispatch overlap away). Second half: one synchronisation per
+    # step, so the step-time percentiles are real and queueing cannot hide a slow step.
+    window = spec.steps // 2 if spec.steps >= 4 else 0
+    times, window_s = [], None
+    start = time.perf_counter()
+    for i in range(spec.warmup, spec.warmup + window):
+        outputs.append(step(batches[i]))
+        emit("step", phase="timed", done=i + 1 - spec.warmup, total=spec.steps)
+    if window:
+        step.synchronize()
+        window_s = time.perf_counter() - start
+    for i in range(spec.warmup + window, total):
+        t = time.perf_counter()
+        out = step(batches[i])
+        step.synchronize()  # per step: an asynchronous backend must not look fast by queueing
+        times.append(time.perf_counter() - t)
+        outputs.append(out)
+        emit("step", phase="timed", done=i + 1 - spec.warmup, total=spec.steps)
+    memory = backend.memory_stats()
+
+    # The losses are read after the clock stopped: StepOutput keeps them on the device, so
+    # recording every step's loss costs the timed loop nothing.
+    losses = [out.loss for out in outputs]
+    # Of the devices one process drives; finish_row scales it to the devices the row uses.
+    peak = backend.peak_flops(spec.precision)
+    per_process = backend.devices_in_use
+    # Devices the whole run uses: N processes x the devices each drives, but no more than the
+    # machine has (N processes on one CPU share that one CPU; MFU and cost count it once).
+    devices_used = per_process * world
+    if world > 1 and backend.device_count:
+        devices_used = min(devices_used, backend.device_count)
+    reg = backend.registration
+    torch_on_host = reg is not None and reg.engine == "torch" and reg.host_cpu
+    layout = distributed.layout().as_dict()  # with the process group up: what torch.distributed says
+    if world > 1:
+        import torch.distributed as dist
+
+        distributed.barrier()
+        dist.destroy_process_group()  # a clean exit on every rank (torch warns otherwise)
+    return {
+        "device_kind": backend.device_kind,
+        "devices": backend.device_count,
+        "devices_used": devices_used,
+        "devices_per_process": per_process,
+        "world_size": world,
+        "parallel": spec.parallel,
+        "layout": layout,
+        # On a CPU the intra-op threads per process decide what N processes can gain over one
+        # (an N-process row gets OMP_NUM_THREADS = CPUs // N when it is unset: supervise._child_env).
+        "cpu_threads": torch.get_num_threads() if torch_on_host else None,
+        "versions": versions,
+        "setup_s": setup_s,
+        "first_step_s": warm_times[0] if warm_times else None,
+        "warmup_s": sum(warm_times),
+        "step_times_s": times,
+        "throughput_window": {"steps": window, "seconds": window_s} if window else None,
+        "tokens_per_step": int(outputs[-1].tokens),  # of the global batch (every rank's slice)
+        "samples_per_step": global_batch,
+        "batch": batch_size,
+        "seq": seq,
+        "flops_per_token": flops_per_token,
+        "peak_flops": float(peak) if peak else None,
+        "memory": {"peak_bytes": memory.peak_bytes, "current_bytes": memory.current_bytes, "source": memory.source},
+        "losses": losses,
+    }
+
+
+def _connect(path: str) -> socket.socket:
+    """The event channel (rank 0 only)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # not inheritable: children cannot hold it open
+    sock.connect(path)
+    return sock
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    from anychip import distributed
+
+    parser = argparse.ArgumentParser(prog="python -m anychip.bench.measure")
+    parser.add_argument("--spec", required=True, help="RunSpec as JSON")
+    parser.add_argument("--events", required=True, metavar="SOCKET", help="UNIX socket the parent listens on")
+    args = parser.parse_args(argv)
+    _watch_parent()
+    # Under torchrun only rank 0 reports (its result is the row); the others train, and their
+    # output goes to the log the parent keeps.
+    events = _connect(args.events) if distributed.rank() == 0 else None
+
+    def emit(event: str, **fields) -> None:
+        if events is not None:  # one whole line per send, as it happens: progress is live
+            events.sendall((json.dumps({"event": event, **fields}, default=str) + "\n").encode())
+
+    try:
+        row = measure(RunSpec.from_json(args.spec), emit)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as this row's failure
+        import traceback
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr, flush=True)  # into the log, whose tail the row keeps
+        emit("error", error=f"{type(exc).__name__}: {first}", traceback=tb)
+        return 1
+    else:
+        emit("result", row=row)
+        return 0
+    finally:
+        if events is not None:
+            events.close()
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
