@@ -19,7 +19,7 @@ case $stage in
       timeout 200 python3 benchmarks/gpu_step.py "$out/e2e_$w.json" --workload $w --kernels auto --steps 30 --warmup 6 --rounds 1 2>&1 | tail -4
     done ;;
   tests)
-    timeout 330 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_jax_gpu.py \
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -x tests/backends/test_cuda.py tests/backends/test_jax_gpu.py \
       tests/test_kernel_training_parity.py tests/kernels 2>&1 | tail -20
     timeout 240 python3 -m anychip.cli bench --workload gpt-small --backends cuda,jax:gpu --precision bf16 --steps 30 --warmup 5 \
       --json "$out/bench.json" --md "$out/bench.md" --plot "$out/bench.png" --csv "$out/bench.csv" 2>&1 | tail -30 ;;

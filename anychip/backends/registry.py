@@ -127,7 +127,7 @@ REGISTRY: tuple[Registration, ...] = (
 ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({"jax": ("jax:tpu", "jax:gpu", "jax:cpu")})
 
 _extra: list[Registration] = []  # registered by plug-ins and tests
-_plugins: dict[str, str] = {}  # plug-in entry -> the sys.path root it was imported from
+_plugins: dict[str, tuple[str, str]] = {}  # plug-in entry -> (its sys.path root, its module name)
 _listeners: list = []  # called after the table changes (selection caches)
 
 
@@ -150,6 +150,8 @@ def register(reg: Registration) -> None:
     """Add a backend (plug-ins, tests). It takes part in auto-detect when ``reg.auto`` is True."""
     if not isinstance(reg, Registration):
         raise TypeError(f"register() takes a Registration, got {type(reg).__name__}")
+    if reg in _extra:
+        return  # the same plug-in imported again (a test that dropped its module): nothing new
     if any(r.name == reg.name for r in (*REGISTRY, *_extra)):
         raise ValueError(f"a backend named {reg.name!r} is already registered")
     _extra.append(reg)
@@ -190,9 +192,10 @@ def load_plugins() -> list[str]:
     roots they came from, so a worker process can import them too. A plug-in that cannot be
     imported is a ValueError naming it."""
     for entry in (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",")):
-        if not entry or entry in _plugins:
+        # Imported once; again only when its module was dropped from sys.modules since.
+        if not entry or (entry in _plugins and _plugins[entry][1] in sys.modules):
             continue
-        _plugins[entry] = ""  # before the import: a plug-in that calls registrations() must not recurse
+        _plugins[entry] = ("", "")  # before the import: a plug-in that calls registrations() must not recurse
         try:
             module = _import_plugin(entry)
         except ImportError as exc:
@@ -201,12 +204,12 @@ def load_plugins() -> list[str]:
         except Exception as exc:
             del _plugins[entry]
             raise ValueError(f"plug-in {entry!r} named in ${PLUGINS_ENV} failed on import: {type(exc).__name__}: {exc}") from exc
-        path = getattr(module, "__file__", None)
+        path, root = getattr(module, "__file__", None), ""
         if path:
             root = os.path.dirname(os.path.abspath(path))
             if not (entry.endswith(".py") or os.sep in entry):
                 for _ in range(entry.count(".") + (os.path.basename(path) == "__init__.py")):
                     root = os.path.dirname(root)
-            _plugins[entry] = root
+        _plugins[entry] = (root, module.__name__)
     active = {e.strip() for e in os.environ.get(PLUGINS_ENV, "").split(",")}
-    return [root for entry, root in _plugins.items() if entry in active and root]
+    return [root for entry, (root, _) in _plugins.items() if entry in active and root]

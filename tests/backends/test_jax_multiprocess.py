@@ -1,5 +1,5 @@
 """JAX over two processes joined by ``jax.distributed`` on localhost, two fake CPU devices each
-(tests/jax_multidevice/multiprocess_check.py): losses, gradient norms and the trained state
+(tests/backends/jax_multidevice/multiprocess_check.py): losses, gradient norms and the trained state
 equal a single-device run, for data parallel and FSDP, with the global batch passed to every
 process (``split_batches=True``) or a part per process, with gradient accumulation.
 

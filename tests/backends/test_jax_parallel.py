@@ -1,4 +1,4 @@
-"""Data parallel and FSDP over 8 fake CPU devices (tests/jax_multidevice/parallel_check.py,
+"""Data parallel and FSDP over 8 fake CPU devices (tests/backends/jax_multidevice/parallel_check.py,
 run in its own process because XLA fixes the device count when JAX starts)."""
 
 from __future__ import annotations

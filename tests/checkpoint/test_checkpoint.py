@@ -1,5 +1,5 @@
 """ac.save / ac.load: the on-disk layout, exact resumes, rotation, precision, and resuming a run
-on another backend (issue 7). Damage, crashes and pickles: tests/test_checkpoint_faults.py."""
+on another backend. Damage, crashes and pickles: tests/test_checkpoint_faults.py."""
 
 from __future__ import annotations
 
