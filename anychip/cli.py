@@ -87,7 +87,13 @@ def cmd_train(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     losses, tokens, started = [], 0, time.perf_counter()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(f"{workload.name} on {be.name}", total=args.steps, info="")
         for i in range(args.steps):
@@ -126,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=positive_int, default=10)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the step (default: the backend's choice)")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the step (default: the backend's choice)"
+    )
     p.set_defaults(func=cmd_train)
 
     register_bench(sub)  # sub-commands defined next to the code they drive

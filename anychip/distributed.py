@@ -93,7 +93,9 @@ def layout() -> Layout:
         world = _env_int("WORLD_SIZE", 1)
         return Layout("torchrun", world, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world), _master())
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return Layout("jax.distributed", _env_int("JAX_NUM_PROCESSES", 1), _env_int("JAX_PROCESS_ID", 0), 0, 1, os.environ["JAX_COORDINATOR_ADDRESS"])
+        return Layout(
+            "jax.distributed", _env_int("JAX_NUM_PROCESSES", 1), _env_int("JAX_PROCESS_ID", 0), 0, 1, os.environ["JAX_COORDINATOR_ADDRESS"]
+        )
     return Layout(None, 1, 0, 0, 1)
 
 
@@ -213,7 +215,16 @@ def is_collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "ProcessGroup", "[gloo]", "gloo/transport", "NCCL")
+        s in text
+        for s in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Timed out waiting",
+            "ProcessGroup",
+            "[gloo]",
+            "gloo/transport",
+            "NCCL",
+        )
     )
 
 

@@ -53,7 +53,13 @@ def test_trainstep_jax_cpu_vs_plain_jax(benchmark):
     base, mine = min(baseline_rounds), benchmark.stats.stats.min / STEPS
     ratio = mine / base
     benchmark.extra_info.update(
-        {"baseline": "plain JAX + optax, jitted, donated", "baseline_s_per_step": base, "anychip_s_per_step": mine, "ratio": ratio, "batch": BATCH}
+        {
+            "baseline": "plain JAX + optax, jitted, donated",
+            "baseline_s_per_step": base,
+            "anychip_s_per_step": mine,
+            "ratio": ratio,
+            "batch": BATCH,
+        }
     )
     print(f"\njax:cpu TrainStep {mine * 1e6:.0f} us/step, plain JAX {base * 1e6:.0f} us/step, ratio {ratio:.2f}")
     # Measured 1.06 on a shared 2-core machine. The bound is loose because CI machines are noisy;

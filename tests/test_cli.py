@@ -95,7 +95,9 @@ def test_devices_shows_the_jax_distributed_layout():
 def test_devices_with_a_broken_launcher_variable_still_lists_the_backends():
     out = run("devices", env={"WORLD_SIZE": "eight"})
     assert out.returncode == 0, out.stderr
-    assert "cpu" in out.stdout and "launch: cannot tell: environment variable WORLD_SIZE='eight' is not an integer" in " ".join(out.stdout.split())
+    assert "cpu" in out.stdout and (
+        "launch: cannot tell: environment variable WORLD_SIZE='eight' is not an integer" in " ".join(out.stdout.split())
+    )
 
 
 def test_devices_imports_no_heavy_module():

@@ -82,5 +82,7 @@ def test_a_jax_step_under_torchrun_without_jax_distributed_is_refused(monkeypatc
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     w = workloads.get("mlp")
-    with pytest.raises(ac.DistributedError, match="torchrun started 2 processes but jax:cpu sees 1; jax backends join through jax.distributed"):
+    with pytest.raises(
+        ac.DistributedError, match="torchrun started 2 processes but jax:cpu sees 1; jax backends join through jax.distributed"
+    ):
         ac.TrainStep(w.build(), w.loss_fn, backend="jax:cpu")

@@ -171,7 +171,9 @@ def test_a_failing_worker_exits_1(plugin_dir):
 @requires("jax", "torchax", "optax")
 def test_cpu_and_jax_cpu_agree(plugin_dir, tmp_path):
     report = tmp_path / "parity.json"
-    out = parity(plugin_dir, "--workload", "mlp", "--backends", "cpu,jax:cpu", "--steps", "8", "--batch", "16", "--json", str(report), plugins="")
+    out = parity(
+        plugin_dir, "--workload", "mlp", "--backends", "cpu,jax:cpu", "--steps", "8", "--batch", "16", "--json", str(report), plugins=""
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "jax:cpu: all 8 steps within rtol 1e-05 of cpu" in out.stdout
     data = json.loads(report.read_text())
@@ -194,7 +196,10 @@ def exit_code(argv) -> int:
     (["--backends", "cpu"], "needs at least two"),
     (["--backends", "cpu,cpu"], "'cpu' is named twice"),
     (["--backends", "cpu,jax"], "'jax' is an alias"),
-    (["--backends", "cpu,cpu-missing"], "backend 'cpu-missing' is unavailable: no such device on this machine. Install: pip install imaginary-sdk"),
+    (
+        ["--backends", "cpu,cpu-missing"],
+        "backend 'cpu-missing' is unavailable: no such device on this machine. Install: pip install imaginary-sdk",
+    ),
     (["--workload", "gtp-tiny"], "unknown workload 'gtp-tiny'"),
     (["--workload", "no_such_module_xyz:make"], "cannot load workload 'no_such_module_xyz:make'"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),

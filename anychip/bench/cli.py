@@ -89,32 +89,92 @@ def register(subparsers) -> None:
         epilog="Backends from other packages (or test fakes): ANYCHIP_PLUGINS=module[,module] names modules "
         "that call anychip.backends.register(...) when imported; they load in every backend process too.",
     )
-    p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory (default gpt-tiny)")
-    p.add_argument("--backends", default="auto", help="auto (every available backend), all (every registered one; unavailable ones become failed rows) or a comma-separated list such as cpu,cuda,jax:gpu")
+    p.add_argument(
+        "--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory (default gpt-tiny)"
+    )
+    p.add_argument(
+        "--backends",
+        default="auto",
+        help="auto (every available backend), all (every registered one; unavailable ones become failed rows) "
+        "or a comma-separated list such as cpu,cuda,jax:gpu",
+    )
     p.add_argument("--steps", type=positive_int, default=50, help="timed steps (default 50)")
     p.add_argument("--warmup", type=positive_int, default=5, help="untimed warm-up steps, compilation included (default 5)")
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: the workload's)")
     p.add_argument("--seq", type=positive_int, default=None, help="sequence length (default: the workload's)")
     p.add_argument("--precision", default=None, help="fp32, bf16 or bf16-pure (default: fp32 on CPU-only runs, else bf16)")
-    p.add_argument("--kernels", choices=("auto", "reference"), default="auto", help="custom kernels where available, or the plain-PyTorch reference ops")
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "reference"),
+        default="auto",
+        help="custom kernels where available, or the plain-PyTorch reference ops",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=finite_positive_float, default=900.0, metavar="S", help="seconds one backend may take, start-up and compilation included (default 900)")
-    p.add_argument("--parity-tol", type=finite_positive_float, default=None, metavar="REL", help="relative loss tolerance (default: 1e-3 fp32, 3e-2 bf16, 6e-2 bf16-pure)")
+    p.add_argument(
+        "--timeout",
+        type=finite_positive_float,
+        default=900.0,
+        metavar="S",
+        help="seconds one backend may take, start-up and compilation included (default 900)",
+    )
+    p.add_argument(
+        "--parity-tol",
+        type=finite_positive_float,
+        default=None,
+        metavar="REL",
+        help="relative loss tolerance (default: 1e-3 fp32, 3e-2 bf16, 6e-2 bf16-pure)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results (versioned schema)")
     p.add_argument("--csv", metavar="PATH", help="write one CSV line per backend")
     p.add_argument("--md", metavar="PATH", help="write a Markdown table")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: tokens/s with MFU, and loss curves")
-    p.add_argument("--price", type=_price, action="append", default=[], metavar="NAME=USD_PER_HOUR", help="USD per device-hour for a backend name or device kind (repeatable); overrides the dated table in anychip/bench/prices.py")
-    p.add_argument("--peak-tflops", type=_peak, action="append", default=[], metavar="[NAME=]X", help="peak TFLOP/s of the devices one process uses, for MFU: for every row, or NAME=X for one backend / device kind (repeatable); an --nproc N row on N distinct devices counts N times it")
-    p.add_argument("--nproc", type=_nproc, default=[1], metavar="N[,N...]", help="process counts to run every torch backend at (default 1: one plain process). N > 1 launches the row through torchrun with TrainStep(parallel=--parallel); weak scaling: each process keeps --batch, a step trains on N x batch samples. The table adds scaling efficiency = tokens/s at N / (N x tokens/s at 1). jax:* rows run at 1 only (JAX uses every local device in one process)")
-    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="how the --nproc N > 1 rows split the model: ddp (replicated, default) or fsdp (sharded)")
+    p.add_argument(
+        "--price",
+        type=_price,
+        action="append",
+        default=[],
+        metavar="NAME=USD_PER_HOUR",
+        help="USD per device-hour for a backend name or device kind (repeatable); overrides the dated table in anychip/bench/prices.py",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=_peak,
+        action="append",
+        default=[],
+        metavar="[NAME=]X",
+        help="peak TFLOP/s of the devices one process uses, for MFU: for every row, or NAME=X for one backend / device kind (repeatable); "
+        "an --nproc N row on N distinct devices counts N times it",
+    )
+    p.add_argument(
+        "--nproc",
+        type=_nproc,
+        default=[1],
+        metavar="N[,N...]",
+        help="process counts to run every torch backend at (default 1: one plain process). "
+        "N > 1 launches the row through torchrun with TrainStep(parallel=--parallel); "
+        "weak scaling: each process keeps --batch, a step trains on N x batch samples. "
+        "The table adds scaling efficiency = tokens/s at N / (N x tokens/s at 1). "
+        "jax:* rows run at 1 only (JAX uses every local device in one process)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        default=None,
+        help="how the --nproc N > 1 rows split the model: ddp (replicated, default) or fsdp (sharded)",
+    )
     p.add_argument("--print-schema", action="store_true", help="print the JSON schema of --json and exit")
     sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
     # add_subparsers builds with the parent's class: anychip.cliargs.Parser, whose errors are one line.
     c = sub.add_parser("compare", help="compare two --json results: B / A per backend")
     c.add_argument("a", metavar="A.json")
     c.add_argument("b", metavar="B.json")
-    c.add_argument("--max-regression", type=nonnegative_float, default=0.05, metavar="FRACTION", help="exit 1 when a ratio is worse than this (default 0.05)")
+    c.add_argument(
+        "--max-regression",
+        type=nonnegative_float,
+        default=0.05,
+        metavar="FRACTION",
+        help="exit 1 when a ratio is worse than this (default 0.05)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -156,7 +216,9 @@ def cmd_bench(args) -> int:
     except DistributedError as exc:
         raise UsageError(str(exc)) from None
     if launched:
-        raise UsageError("anychip bench starts its own processes: run it once, without torchrun or jax.distributed (--nproc N launches torchrun per row)")
+        raise UsageError(
+            "anychip bench starts its own processes: run it once, without torchrun or jax.distributed (--nproc N launches torchrun per row)"
+        )
     if args.parallel is not None and max(args.nproc) == 1:
         raise UsageError(f"--parallel {args.parallel} applies to --nproc counts > 1 (e.g. --nproc 1,2)")
     parallel = (args.parallel or "ddp") if max(args.nproc) > 1 else None
@@ -274,7 +336,13 @@ def _run_rows(args, row_plan, config, price_overrides, peak_tflops) -> tuple[lis
     )
     with Progress(*columns, console=Console(stderr=True), transient=False, refresh_per_second=4) as progress:
         tasks = [
-            progress.add_task("", total=total, start=False, backend=metrics.row_label(row), phase="waiting" if row["status"] == "skipped" else "unavailable")
+            progress.add_task(
+                "",
+                total=total,
+                start=False,
+                backend=metrics.row_label(row),
+                phase="waiting" if row["status"] == "skipped" else "unavailable",
+            )
             for row in rows
         ]
         current = None
@@ -318,8 +386,16 @@ def _run_rows(args, row_plan, config, price_overrides, peak_tflops) -> tuple[lis
             # Ctrl-C: run_backend has already killed the child. Keep every finished row, mark the
             # one in flight and the ones never started, and let the caller write the outputs.
             if current is not None:
-                current.update(metrics.empty_row(current["backend"], "interrupted", "interrupted (Ctrl-C); the backend was stopped", precision,
-                                                 world_size=current["world_size"], parallel=current["parallel"]))
+                current.update(
+                    metrics.empty_row(
+                        current["backend"],
+                        "interrupted",
+                        "interrupted (Ctrl-C); the backend was stopped",
+                        precision,
+                        world_size=current["world_size"],
+                        parallel=current["parallel"],
+                    )
+                )
             for row in rows:
                 if row["status"] == "skipped":
                     row["error"] = "not run: interrupted (Ctrl-C)"

@@ -59,7 +59,11 @@ SCALING_FIELDS = ("world_size", "parallel", "layout", "scaling_efficiency", "cpu
 ROW = _object(
     {
         "backend": {"type": "string", "pattern": r"^\S+$"},
-        "world_size": {"type": "integer", "minimum": 1, "description": "processes of the run (--nproc; > 1: torchrun, one rank each); a row is identified by backend and world_size"},
+        "world_size": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "processes of the run (--nproc; > 1: torchrun, one rank each); a row is identified by backend and world_size",
+        },
         "parallel": {"enum": [None, "ddp", "fsdp"], "description": "TrainStep(parallel=...) of a world_size > 1 row"},
         "layout": LAYOUT,
         "status": {"enum": ["ok", "failed", "crashed", "timeout", "interrupted", "unavailable", "skipped"]},
@@ -124,7 +128,11 @@ ROW = _object(
             "type": ["number", "null"], "minimum": 0,
             "description": "tokens_per_s / (world_size x tokens_per_s of the world_size 1 row of the same backend); null at world_size 1",
         },
-        "cpu_threads": {"type": ["integer", "null"], "minimum": 1, "description": "intra-op threads per process of a torch CPU row (torch.get_num_threads())"},
+        "cpu_threads": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "description": "intra-op threads per process of a torch CPU row (torch.get_num_threads())",
+        },
         "wall_s": _nonneg_or_null,
         "log_tail": {"type": "array", "items": {"type": "string"}},
         "throughput_window": {
@@ -176,7 +184,11 @@ SCHEMA = {
                     "prices_as_of": {"type": "string"},
                     "price_overrides": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
                     "peak_tflops": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
-                    "nproc": {"type": "array", "items": {"type": "integer", "minimum": 1}, "description": "--nproc: process counts, each backend row once per count"},
+                    "nproc": {
+                        "type": "array",
+                        "items": {"type": "integer", "minimum": 1},
+                        "description": "--nproc: process counts, each backend row once per count",
+                    },
                     "parallel": {"enum": [None, "ddp", "fsdp"], "description": "--parallel of the nproc > 1 rows"},
                     "one_process_backends": {
                         "type": "array", "items": {"type": "string"},

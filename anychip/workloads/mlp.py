@@ -12,7 +12,9 @@ IN, HIDDEN, CLASSES = 32, 128, 10
 
 
 def build(seed: int = 0) -> nn.Module:
-    return seeded(lambda: nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, CLASSES)), seed)
+    return seeded(
+        lambda: nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, CLASSES)), seed
+    )
 
 
 def batch(step: int, batch_size: int, seq: int = 1, seed: int = 0):

@@ -20,7 +20,6 @@ def test_probe_sees_the_gpu():
 
 
 def test_fp32_eager_matches_hand_written_loop_on_gpu():
-    import torch
 
     import anychip as ac
     from anychip import workloads

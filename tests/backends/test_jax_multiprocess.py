@@ -35,7 +35,14 @@ RTOL = 1e-5
 # 1-device run in one process differ as much (up to ~5e-4 of a gpt-tiny tensor's largest value).
 STATE_RTOL = 2e-3
 TIMEOUT_S = 240  # per launch; a hang fails the test instead of blocking CI
-LAUNCH_VARS = ("XLA_FLAGS", "ANYCHIP_BACKEND", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+LAUNCH_VARS = (
+    "XLA_FLAGS",
+    "ANYCHIP_BACKEND",
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_COORDINATOR_BIND_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+)
 
 
 def _env(**extra: str) -> dict:

@@ -212,7 +212,9 @@ def test_cuda_probe_without_gpu(monkeypatch):
 def test_cuda_probe_with_gpus(monkeypatch):
     monkeypatch.setattr(facts, "version", lambda d: "2.11.0+cu130" if d == "torch" else None)
     monkeypatch.setattr(facts, "device_files", lambda pattern: ["/dev/nvidia0", "/dev/nvidia1"])
-    monkeypatch.setattr(facts, "run_tool", lambda argv, timeout=5.0: (0, "NVIDIA H100 80GB HBM3, 580.159.04\nNVIDIA H100 80GB HBM3, 580.159.04\n"))
+    monkeypatch.setattr(
+        facts, "run_tool", lambda argv, timeout=5.0: (0, "NVIDIA H100 80GB HBM3, 580.159.04\nNVIDIA H100 80GB HBM3, 580.159.04\n")
+    )
     avail = cuda_backend.probe()
     assert avail.available and avail.devices == 2
     assert avail.device_kind == "NVIDIA H100 80GB HBM3" and avail.versions["driver"] == "580.159.04"

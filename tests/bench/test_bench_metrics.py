@@ -206,7 +206,13 @@ def test_parity_compares_rows_of_the_same_process_count_only():
     assert one["parity"]["reference"] == "cpu" and jax_one["parity"]["reference"] == "cpu"
     assert jax_one["parity"]["max_rel_diff"] == pytest.approx(0.05)
     assert two["parity"]["reference"] == "cpu (nproc 2)" and two["parity"]["first_step_over"] is None
-    assert accel_two["parity"] == {"reference": "cpu (nproc 2)", "tolerance": 1e-3, "steps_compared": 2, "max_rel_diff": 0.0, "first_step_over": None}
+    assert accel_two["parity"] == {
+        "reference": "cpu (nproc 2)",
+        "tolerance": 1e-3,
+        "steps_compared": 2,
+        "max_rel_diff": 0.0,
+        "first_step_over": None,
+    }
 
 
 def test_several_processes_count_their_devices_for_mfu_and_cost():

@@ -145,7 +145,9 @@ def test_plot_has_one_bar_and_one_loss_line_per_backend(tmp_path):
 
 
 def _pair(tmp_path, *, b_tokens=2000.0, b_loss=1.2, b_mem=1 << 20, drop_b=False):
-    a = make_doc([finished_row("cpu", tokens_per_s=2000.0, losses=[3.0, 1.2]), finished_row("jax:cpu", tokens_per_s=500.0, losses=[3.0, 1.2])])
+    a = make_doc(
+        [finished_row("cpu", tokens_per_s=2000.0, losses=[3.0, 1.2]), finished_row("jax:cpu", tokens_per_s=500.0, losses=[3.0, 1.2])]
+    )
     b_rows = [finished_row("cpu", tokens_per_s=b_tokens, losses=[3.0, b_loss], peak_bytes=b_mem)]
     if not drop_b:
         b_rows.append(finished_row("jax:cpu", tokens_per_s=500.0, losses=[3.0, 1.2]))
@@ -218,7 +220,10 @@ def test_scaling_rows_in_the_table_csv_and_markdown(tmp_path):
     text = console.export_text()
     header = next(line for line in text.splitlines() if "backend" in line)
     assert "procs" in header and "scaling eff." in header
-    assert "cpu (nproc 2): torchrun, 1 node(s) x 2 process(es), rendezvous localhost:29500; world size 2, parallel=ddp; global batch 2 x 2 = 4 samples per step" in text
+    assert (
+        "cpu (nproc 2): torchrun, 1 node(s) x 2 process(es), rendezvous localhost:29500; "
+        "world size 2, parallel=ddp; global batch 2 x 2 = 4 samples per step"
+    ) in text
     assert "fake-accel (nproc 2): crashed: exited with status 1" in text
     assert "jax:cpu: one process only: --nproc launches torch backends through torchrun" in text
     assert "batch per process 2 x seq 500, 1,2 process(es) (ddp)" in text

@@ -252,7 +252,9 @@ def test_optimizer_mismatch_is_reported(tmp_path):
         checkpoint.load(tmp_path, make("mlp", spec=ac.SGD(lr=0.1, momentum=0.9)))
     changed = ac.AdamW(lr=1e-3, weight_decay=0.1, schedule=ac.WarmupCosine(warmup=3, total=40))
     target = make("mlp", spec=changed)
-    with pytest.raises(CheckpointMismatchError, match=r"lr: checkpoint 0.003, step 0.001; schedule.total: checkpoint 20, step 40.*allow_optimizer_change") as info:
+    with pytest.raises(
+        CheckpointMismatchError, match=r"lr: checkpoint 0.003, step 0.001; schedule.total: checkpoint 20, step 40.*allow_optimizer_change"
+    ) as info:
         checkpoint.load(tmp_path, target)
     assert len(info.value.optimizer) == 2 and target.step_count == 0
     assert checkpoint.load(tmp_path, target, allow_optimizer_change=True, restore_rng=False).step == 1

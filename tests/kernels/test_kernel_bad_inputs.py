@@ -66,7 +66,9 @@ CASES = [
 @pytest.mark.parametrize("call, error, message", CASES, ids=[c[2][:40] for c in CASES])
 def test_bad_input_raises_one_line(call, error, message, monkeypatch):
     selected = []
-    monkeypatch.setattr(importlib.import_module("anychip.kernels.selection"), "_selected_name", lambda *a: selected.append(a) or "reference")
+    monkeypatch.setattr(
+        importlib.import_module("anychip.kernels.selection"), "_selected_name", lambda *a: selected.append(a) or "reference"
+    )
     with pytest.raises(error) as excinfo:
         call()
     assert message in str(excinfo.value)

@@ -65,7 +65,9 @@ def config_differences(a: dict, b: dict) -> list[str]:
     return diffs
 
 
-def print_comparison(rows: list[dict], regressions: list[str], diffs: list[str], a_name: str, b_name: str, max_regression: float, console=None) -> None:
+def print_comparison(
+    rows: list[dict], regressions: list[str], diffs: list[str], a_name: str, b_name: str, max_regression: float, console=None
+) -> None:
     from rich.table import Table
 
     console = console or make_console()

@@ -72,7 +72,11 @@ def fmt_layout(row: dict) -> str:
         where = f"{lay['engine'] or 'no launcher'}, {lay['nodes']} node(s) x {lay['local_world_size']} process(es)"
         where += f", rendezvous {lay['coordinator']}" if lay.get("coordinator") else ""
         where += "; "
-    batch = f"; global batch {world} x {row['batch']} = {row['samples_per_step']} samples per step" if row["batch"] and row["samples_per_step"] else ""
+    batch = (
+        f"; global batch {world} x {row['batch']} = {row['samples_per_step']} samples per step"
+        if row["batch"] and row["samples_per_step"]
+        else ""
+    )
     return f"{row_label(row)}: {where}world size {world}, parallel={row.get('parallel')}{batch}"
 
 
