@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from anychip.bench.cli import register as register_bench
+from anychip.bench.args import register as register_bench
 from anychip.cliargs import Parser, UsageError, positive_float, positive_int, run_command
 from anychip.parity import register as register_parity
 
