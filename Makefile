@@ -18,8 +18,9 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/anychip bench
 
-# The main suite, then the neuron-xla subset; either failing fails `make test`.
+# Lint, the main suite, then the neuron-xla subset; any failing fails `make test`.
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --ignore=tests/xla
 	$(MAKE) --no-print-directory test-xla
 
