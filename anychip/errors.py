@@ -27,6 +27,10 @@ class UnsupportedOpError(NotImplementedError):
     """The model calls a torch op that the backend cannot lower (torchax has no JAX lowering)."""
 
 
+class UnsupportedOptimizerError(ValueError):
+    """A ``torch.optim`` optimizer, or one of its options, that a backend cannot reproduce."""
+
+
 class DistributedError(RuntimeError):
     """Something between processes failed: a launch that is missing, a peer that died or hung."""
 

@@ -10,7 +10,9 @@ AdamW (decoupled weight decay, Loshchilov & Hutter 2019; the ``torch.optim.AdamW
     p_t = p_{t-1} - lr_t * ( (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps) + wd * p_{t-1} )
 
 eps is added *after* the square root of the bias-corrected second moment (as torch and
-optax.adamw do). Weight decay applies to every parameter, as ``torch.optim.AdamW`` does.
+optax.adamw do). Weight decay applies to every parameter, as ``torch.optim.AdamW`` does, except
+those ``no_decay(name, param)`` selects (the usual LLM recipe: ``lambda n, p: p.ndim < 2`` for
+biases and norm weights), which form a second parameter group with ``weight_decay=0``.
 
 SGD (the ``torch.optim.SGD`` form, weight decay coupled into the gradient)::
 
@@ -34,9 +36,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
+
+from anychip.backends.jax import optimizer_math
 
 
 class AdamWState(NamedTuple):
@@ -68,6 +72,19 @@ class Schedule:
 class Constant(Schedule):
     def __call__(self, step, xp=np):
         return xp.ones_like(xp.asarray(step, dtype=xp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSchedule(Schedule):
+    """``TrainStep(lr_scheduler=fn)`` with a spec: ``fn(update) -> factor`` is Python, evaluated
+    on the host once per update (a JAX step takes the factor as an input, never as a constant)."""
+
+    fn: Callable[[int], float]
+
+    def __call__(self, step, xp=np):
+        if xp is not np:
+            raise TypeError("a callable lr_scheduler is evaluated on the host; pass its value into the step")
+        return np.asarray(float(self.fn(int(step))), dtype=np.float64)
 
 
 def _check_warmup_total(name: str, warmup: int, total: int, min_ratio: float) -> None:
@@ -128,20 +145,24 @@ def _check_positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}: {key} must be a finite number >= 0, got {v!r}")
 
 
-def _bias_correction(beta: float, t, xp):
-    """``1 - beta**t`` without cancellation in float32: torch evaluates it in float64 on the
-    host; ``-expm1(t log beta)`` keeps float32 within an ulp of that (``1 - 0.999**t`` in
-    float32 would be off by 1e-5 relative at t = 1)."""
-    if beta == 0.0:
-        return xp.ones_like(t)
-    return -xp.expm1(t * math.log(beta))
+def _log(beta: float) -> float:
+    """log(beta), -inf for beta = 0 (then the bias correction 1 - 0**t is 1)."""
+    return math.log(beta) if beta > 0 else -math.inf
 
 
-def _lerp(start, end, weight: float):
-    # torch's lerp kernel: two formulas depending on the weight, for accuracy near 1.
-    if weight < 0.5:
-        return start + weight * (end - start)
-    return end - (end - start) * (1.0 - weight)
+def _check_rule(owner: str, rule) -> None:
+    if rule is not None and not callable(rule):
+        raise TypeError(f"{owner}: no_decay must be callable(name, param) -> bool, e.g. lambda n, p: p.ndim < 2; got {rule!r}")
+
+
+def _lr_factor(schedule, count, factor, jnp):
+    """The schedule's multiplier inside the jitted update: from the count, or the host value
+    passed in as ``factor`` (a :class:`HostSchedule`, evaluated outside the jit)."""
+    if isinstance(schedule, HostSchedule):
+        if factor is None:
+            raise ValueError("a spec with a callable lr_scheduler needs update(..., factor=) from the host")
+        return factor
+    return schedule(count, xp=jnp)
 
 
 def _optax_transform(init, update):
@@ -156,9 +177,26 @@ class OptimizerSpec:
 
     slots: tuple[str, ...] = ()
     schedule: Schedule
+    no_decay: Callable | None = None
 
     def lr_at(self, step: int) -> float:
         return self.lr * self.schedule.value(step)
+
+    def decays(self, named_params) -> dict[str, bool]:
+        """``{name: whether weight decay applies}`` for ``(name, parameter)`` pairs."""
+        rule = self.no_decay
+        return {n: not (rule is not None and bool(rule(n, p))) for n, p in named_params}
+
+    def torch_groups(self, named_params) -> list:
+        """Parameter groups for ``to_torch``: one group, or (decayed, ``no_decay``) where the
+        rule selects any parameter; the second group has ``weight_decay=0``."""
+        named = list(named_params)
+        decays = self.decays(named)
+        kept = [p for n, p in named if decays[n]]
+        exempt = [p for n, p in named if not decays[n]]
+        if not exempt:
+            return [{"params": kept}]
+        return [g for g in ({"params": kept}, {"params": exempt, "weight_decay": 0.0}) if g["params"]]
 
     def to_torch(self, params, *, fused: bool = False):
         raise NotImplementedError
@@ -175,6 +213,7 @@ class AdamW(OptimizerSpec):
     eps: float = 1e-8
     weight_decay: float = 0.01
     schedule: Schedule = Constant()
+    no_decay: Callable | None = None  # (name, param) -> True for parameters without weight decay
 
     slots = ("exp_avg", "exp_avg_sq")
 
@@ -184,6 +223,7 @@ class AdamW(OptimizerSpec):
             raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {self.betas!r}")
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"AdamW: schedule must be an anychip schedule such as ac.WarmupCosine(...), got {self.schedule!r}")
+        _check_rule("AdamW", self.no_decay)
 
     def to_torch(self, params, *, fused: bool = False):
         import torch
@@ -193,7 +233,8 @@ class AdamW(OptimizerSpec):
         )
 
 
-    def to_optax(self):
+    def to_optax(self, decays: dict[str, bool] | None = None):
+        """``decays`` ({name: bool}, from :meth:`decays`) exempts parameters from weight decay."""
         import jax
         import jax.numpy as jnp
 
@@ -204,26 +245,27 @@ class AdamW(OptimizerSpec):
             zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
             return AdamWState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
-        def update(grads, state, params=None):
+        def update(grads, state, params=None, factor=None):
             if params is None:
                 raise ValueError("AdamW.to_optax().update needs params (decoupled weight decay)")
-            lr_t = lr * schedule(state.count, xp=jnp)
+            lr_t = lr * _lr_factor(schedule, state.count, factor, jnp)
             t = (state.count + 1).astype(jnp.float32)
-            step_size = lr_t / _bias_correction(b1, t, jnp)
-            bc2_sqrt = jnp.sqrt(_bias_correction(b2, t, jnp))
 
-            def one(g, p, m, v):
-                # torch.optim.adam._single_tensor_adam, decoupled_weight_decay=True
-                new_p = (p * (1.0 - lr_t * wd)).astype(p.dtype) if wd else p
-                m = _lerp(m, g, 1.0 - b1).astype(m.dtype)
-                v = (v * b2 + (1.0 - b2) * (g * g)).astype(v.dtype)
-                denom = jnp.sqrt(v) / bc2_sqrt + eps
-                new_p = (new_p + (-step_size) * m / denom).astype(p.dtype)
+            def one(g, p, m, v, decayed):
+                h = {
+                    "decay": 1.0 - lr_t * wd if wd and decayed else 1.0, "lr": lr_t, "eps": eps,
+                    "one_minus_beta1": 1.0 - b1, "beta2": b2, "one_minus_beta2": 1.0 - b2,
+                    "log_beta1": _log(b1), "log_beta2": _log(b2),
+                }
+                new_p, out = optimizer_math.adam(
+                    g, p, {"exp_avg": m, "exp_avg_sq": v}, h, t, decoupled=True, amsgrad=False, maximize=False
+                )
                 # optax adds updates to params; in float32 the difference of two nearby floats
                 # is exact (Sterbenz), so p + (new_p - p) == new_p.
-                return new_p.astype(jnp.float32) - p.astype(jnp.float32), m, v
+                return new_p.astype(jnp.float32) - p.astype(jnp.float32), out["exp_avg"], out["exp_avg_sq"]
 
-            out = jax.tree.map(one, grads, params, state.exp_avg, state.exp_avg_sq)
+            decayed = {n: True if decays is None else decays[n] for n in grads}
+            out = jax.tree.map(one, grads, params, state.exp_avg, state.exp_avg_sq, decayed)
             pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
             return pick(0), AdamWState(state.count + 1, pick(1), pick(2))
 
@@ -236,6 +278,7 @@ class SGD(OptimizerSpec):
     nesterov: bool = False
     weight_decay: float = 0.0
     schedule: Schedule = Constant()
+    no_decay: Callable | None = None  # (name, param) -> True for parameters without weight decay
 
     def __post_init__(self) -> None:
         _check_positive("SGD", lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -243,6 +286,7 @@ class SGD(OptimizerSpec):
             raise ValueError("SGD: nesterov=True needs momentum > 0")
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"SGD: schedule must be an anychip schedule such as ac.WarmupCosine(...), got {self.schedule!r}")
+        _check_rule("SGD", self.no_decay)
 
     @property
     def slots(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -261,7 +305,8 @@ class SGD(OptimizerSpec):
         )
 
 
-    def to_optax(self):
+    def to_optax(self, decays: dict[str, bool] | None = None):
+        """``decays`` ({name: bool}, from :meth:`decays`) exempts parameters from weight decay."""
         import jax
         import jax.numpy as jnp
 
@@ -271,24 +316,21 @@ class SGD(OptimizerSpec):
             buffers = jax.tree.map(jnp.zeros_like, params) if mu > 0 else None
             return SGDState(jnp.zeros((), jnp.int32), buffers)
 
-        def update(grads, state, params=None):
+        def update(grads, state, params=None, factor=None):
             if params is None:
                 raise ValueError("SGD.to_optax().update needs params")
-            lr_t = lr * schedule(state.count, xp=jnp)
+            lr_t = lr * _lr_factor(schedule, state.count, factor, jnp)
             first = state.count == 0  # torch creates the buffer as a copy of the first gradient
 
-            def one(g, p, buf):
-                # torch.optim.sgd._single_tensor_sgd, dampening=0
-                if wd:
-                    g = (g + wd * p).astype(g.dtype)
-                if mu > 0:
-                    buf = jnp.where(first, g, (buf * mu).astype(buf.dtype) + g).astype(buf.dtype)
-                    g = (g + mu * buf).astype(g.dtype) if nesterov else buf
-                new_p = (p + (-lr_t) * g).astype(p.dtype)
-                return new_p.astype(jnp.float32) - p.astype(jnp.float32), buf
+            def one(g, p, buf, decayed):
+                h = {"weight_decay": wd if decayed else 0.0, "momentum": mu, "one_minus_dampening": 1.0, "lr": lr_t}
+                slots = {"momentum_buffer": buf, "step": jnp.where(first, 0.0, 1.0)} if mu > 0 else {}
+                new_p, out = optimizer_math.sgd(g, p, slots, h, momentum=mu > 0, nesterov=nesterov, maximize=False)
+                return new_p.astype(jnp.float32) - p.astype(jnp.float32), out.get("momentum_buffer")
 
             buffers = state.momentum_buffer if mu > 0 else jax.tree.map(lambda _: None, grads)
-            out = jax.tree.map(one, grads, params, buffers, is_leaf=lambda x: x is None)
+            decayed = {n: True if decays is None else decays[n] for n in grads}
+            out = jax.tree.map(one, grads, params, buffers, decayed, is_leaf=lambda x: x is None)
             updates = jax.tree.map(lambda _, o: o[0], grads, out)
             new_buffers = jax.tree.map(lambda _, o: o[1], grads, out) if mu > 0 else None
             return updates, SGDState(state.count + 1, new_buffers)
