@@ -60,6 +60,9 @@ OTHER_REQS=(
   filelock "typing-extensions>=4.10.0" "sympy>=1.13.3" "networkx>=2.5.1" jinja2 "fsspec>=0.8.5"
   "absl-py>=1.0.0" pyyaml requests
   numpy "rich>=13" "safetensors>=0.4" "pytest>=8" "pytest-timeout>=2"
+  # anychip[hf], for the bf16 tests on Hugging Face models (tests/xla/test_xla_bf16.py); the
+  # main venv's pin (constraints.txt), whose metadata asks for torch>=2.6: torch 2.9 qualifies.
+  "transformers==5.24.0"
 )
 
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (set ANYCHIP_XLA_PYTHON)"
