@@ -15,6 +15,7 @@ _CHECKS = {
     "triton": lambda: importlib.util.find_spec("triton") is not None,
     "matplotlib": lambda: importlib.util.find_spec("matplotlib") is not None,
     "safetensors": lambda: importlib.util.find_spec("safetensors") is not None,
+    "transformers": lambda: importlib.util.find_spec("transformers") is not None,
     "torch_xla": lambda: importlib.util.find_spec("torch_xla") is not None,
     "cuda": lambda: bool(shutil.which("nvidia-smi")) and _torch_cuda(),
     "c-compiler": lambda: bool(shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")),

@@ -40,6 +40,18 @@ def process_rss_stats() -> MemoryStats:
     return MemoryStats(current, peak, "process RSS")
 
 
+def seed_from_torch() -> int:
+    """A 63-bit seed read from torch's CPU generator without drawing from it, for the generators
+    ``torch.manual_seed`` does not reach (the XLA device's, a JAX key): the same torch state
+    gives the same seed, so ``torch.manual_seed(s)`` governs them as it governs torch's own."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 class Backend:
     """The contract. A new backend implements the methods that raise here, in one module."""
 
@@ -105,7 +117,10 @@ class Backend:
         return {}
 
     def set_rng_state(self, state: dict) -> None:
-        """Restore what :meth:`rng_state` returned (a state saved elsewhere may be partial)."""
+        """Restore what :meth:`rng_state` returned. A state saved elsewhere may be partial or
+        empty: a generator it lacks is seeded from torch's (just restored) CPU generator with
+        :func:`seed_from_torch`, so a run resumed from another backend's checkpoint does not
+        replay the stream of a fresh run."""
 
     def init_distributed(self) -> None:
         raise NotImplementedError

@@ -4,7 +4,13 @@ anything is applied, then applied.
 The host generators (torch's CPU generator, numpy's global ``RandomState``, python's
 ``random``) are read here directly. The device generator belongs to the backend
 (``backend.rng_state()`` / ``backend.set_rng_state()``) and is stored under ``rng["device"]``:
-``bytes`` values base64-encoded, ``int`` values as they are.
+``bytes`` values base64-encoded, ``int`` values as they are. A generator the engine owns (the
+JAX step's key: ``TrainStep.state_dict()["rng"]``, ``{name: uint8 tensor}``) is stored under
+``rng["engine"]`` as base64.
+
+Loading applies the generators before the step's state, so that a generator the checkpoint has
+no state for (saved on another backend) is seeded from torch's restored CPU generator rather
+than left where a fresh run starts.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from anychip.checkpoint.format import MANIFEST
 from anychip.errors import CheckpointCorruptError
 
 
-def capture(backend) -> dict:
-    """The RNG section of a manifest: every host generator and the backend's device one."""
+def capture(backend, engine: dict | None = None) -> dict:
+    """The RNG section of a manifest: every host generator, the backend's device one, and the
+    engine's own (``state_dict()["rng"]``) when it has any."""
     import random
 
     import numpy as np
@@ -33,6 +40,7 @@ def capture(backend) -> dict:
         },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
         "device": _encode_device(backend.name, backend.rng_state()),
+        **({"engine": {str(k): base64.b64encode(v.contiguous().numpy().tobytes()).decode() for k, v in engine.items()}} if engine else {}),
     }
 
 
@@ -107,7 +115,11 @@ def parse(directory: Path, rng: dict, backend) -> dict:
             device = None
         if device:
             _check_device_fits(device, backend.rng_state())
-            out["device"] = device
+        out["device"] = device or {}
+        engine = rng.get("engine", {})
+        if not isinstance(engine, dict) or not all(isinstance(v, str) for v in engine.values()):
+            raise ValueError("engine RNG state is not an object of base64 strings")
+        out["engine"] = {k: torch.frombuffer(bytearray(base64.b64decode(v, validate=True)), dtype=torch.uint8) for k, v in engine.items()}
         return out
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CheckpointCorruptError(f"{where}: saved RNG state is unusable ({exc})") from None
@@ -125,7 +137,8 @@ def _check_device_fits(saved: dict, current: dict) -> None:
 
 
 def apply(rng: dict, backend) -> None:
-    """Set every generator :func:`parse` returned a state for."""
+    """Set every host and device generator :func:`parse` returned a state for (the engine's go
+    in with the step's state, as ``state["rng"] = rng["engine"]``)."""
     import random
 
     import numpy as np
@@ -137,5 +150,5 @@ def apply(rng: dict, backend) -> None:
         np.random.set_state(rng["numpy"])
     if "python" in rng:
         random.setstate(rng["python"])
-    if "device" in rng:
-        backend.set_rng_state(rng["device"])
+    # Always, even with nothing saved: the backend seeds a generator the checkpoint lacks.
+    backend.set_rng_state(rng.get("device", {}))

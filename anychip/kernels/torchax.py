@@ -7,8 +7,9 @@ environment of its own (overrides there never leak into other code) with:
   implementations, named by the implementation the torch side selected;
 * torch's ``scaled_dot_product_attention`` -> ``anychip.kernels.attention.jax.sdpa``, the same
   lowering policy anychip's attention op uses (cuDNN, then XLA; the reference for dropout);
-* ``F.batch_norm`` with torch's running-statistics update, and ``torch.promote_types`` run
-  natively: torchax 0.0.14 lacks both (see the functions below).
+* ``F.batch_norm`` with torch's running-statistics update (the cumulative average of
+  ``momentum=None`` included, with :func:`cumulative_batch_norm` around the trace), and
+  ``torch.promote_types`` run natively: torchax 0.0.14 lacks both (see the functions below).
 
 With kernels="reference" (or ANYCHIP_KERNELS=reference) only the last two are installed.
 jax and torchax are imported when these functions run, never when this module is imported.
@@ -16,6 +17,7 @@ jax and torchax are imported when these functions run, never when this module is
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable
 
@@ -91,6 +93,38 @@ def install_jax_overrides(env: Any, platform: str, *, include_sdpa: bool = True,
         env.override_op_definition(op, interop.torch_view(fn))
 
 
+class CumulativeAverage(float):
+    """What a ``momentum=None`` BatchNorm carries while it is traced. torch's module turns
+    ``None`` into the factor ``1 / float(num_batches_tracked)``, a host read of a value the trace
+    only has as data (the step fails there, pointing at the loss_fn line). This float is 0.0 to
+    the module, which passes it on as the momentum; the batch_norm override below recognises it
+    and takes ``1 / num_batches_tracked`` from the module's counter, as traced data."""
+
+    module: Any
+
+    def __new__(cls, module):
+        self = super().__new__(cls, 0.0)
+        self.module = module
+        return self
+
+
+@contextlib.contextmanager
+def cumulative_batch_norm(model):
+    """Every BatchNorm of ``model`` with ``momentum=None`` carries a :class:`CumulativeAverage`
+    for the duration (the trace of a step); ``None`` again afterwards."""
+    swapped = [
+        m for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats
+    ]
+    for m in swapped:
+        m.momentum = CumulativeAverage(m)
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.momentum = None
+
+
 def _batch_norm(env: Any) -> Callable[..., Any]:
     """``F.batch_norm`` with torch's running-statistics update. torchax 0.0.14 computes the new
     running mean/var and drops them, so a BatchNorm model would silently keep its initial
@@ -102,6 +136,10 @@ def _batch_norm(env: Any) -> Callable[..., Any]:
         x, rm, rv, w, b = env.t2j_iso((input, running_mean, running_var, weight, bias))
         axes, shape = (0, *range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if isinstance(momentum, CumulativeAverage):
+            # The module has counted this batch already (num_batches_tracked.add_(1) comes first).
+            count = momentum.module.num_batches_tracked
+            momentum = 0.0 if count is None else 1.0 / env.t2j_iso(count).astype(jnp.float32)
         if training or rm is None:
             mean, var = xf.mean(axes), xf.var(axes)
             if training and rm is not None:
