@@ -22,6 +22,7 @@ from anychip.errors import (
     LossFunctionError,
     NonFiniteLossError,
     UnknownBackendError,
+    UnsupportedOptimizerError,
 )
 from anychip.optim import SGD, AdamW, Constant, WarmupCosine, WarmupLinear
 from anychip.precision import policy
@@ -45,6 +46,7 @@ __all__ = [
     "StepOutput",
     "TrainStep",
     "UnknownBackendError",
+    "UnsupportedOptimizerError",
     "WarmupCosine",
     "WarmupLinear",
     "__version__",

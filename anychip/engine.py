@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 from anychip.errors import NonFiniteLossError
 
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
-PARALLEL_MODES = (None, "ddp", "fsdp")
+PARALLEL_MODES = (None, "ddp", "fsdp", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class StepSpec:
 
     model: Any
     loss_fn: Callable
-    optimizer: Any  # an anychip.optim.OptimizerSpec
+    optimizer: Any  # an anychip.optim.OptimizerSpec, or the user's torch.optim.Optimizer
     policy: Any  # an anychip.precision.Policy
     max_grad_norm: float | None = None
     accumulate: int = 1
@@ -33,15 +33,19 @@ class StepSpec:
     strict_shapes: bool = False
     kernels: str = "auto"
     split_batches: bool = True
+    lr_scheduler: Any = None  # a torch LRScheduler on ``optimizer``, or callable(update) -> lr factor
 
 
 class StepOutput:
-    """Result of one update. ``loss`` and ``grad_norm`` are device values read lazily."""
+    """Result of one update. ``loss`` and ``grad_norm`` are device values read lazily.
+    ``lrs`` holds each parameter group's learning rate for this update, ``lr`` the first's;
+    engines pass either one float or the per-group sequence as ``lr``."""
 
-    __slots__ = ("step", "lr", "tokens", "skipped", "_loss", "_grad_norm", "_read")
+    __slots__ = ("step", "lr", "lrs", "tokens", "skipped", "_loss", "_grad_norm", "_read")
 
-    def __init__(self, step: int, loss, grad_norm, lr: float, tokens: int, skipped: bool = False):
-        self.step, self.lr, self.tokens, self.skipped = step, lr, tokens, skipped
+    def __init__(self, step: int, loss, grad_norm, lr, tokens: int, skipped: bool = False):
+        self.lrs = tuple(float(v) for v in lr) if isinstance(lr, (tuple, list)) else (float(lr),)
+        self.step, self.lr, self.tokens, self.skipped = step, self.lrs[0], tokens, skipped
         self._loss, self._grad_norm, self._read = loss, grad_norm, {}
 
     def _host(self, key: str, value) -> float:
@@ -115,7 +119,11 @@ class Engine(Protocol):
         """One optimizer update on ``batch``."""
 
     def state_dict(self) -> dict:
-        """``{"step", "model", "optimizer": {"slots"}}``: CPU tensors by name, backend-neutral."""
+        """``{"step", "model", "optimizer": {"slots"}}``: CPU tensors by name, backend-neutral;
+        plus ``"rng": {name: uint8 tensor}`` for a generator the engine itself owns (the JAX
+        key; the global and device generators are the backend's). ``load_state_dict`` keeps
+        its generator when ``"rng"`` is absent, and derives one from torch's when it is present
+        without the engine's own entry (a state from another backend)."""
 
     def load_state_dict(self, state: dict) -> None: ...
 

@@ -17,18 +17,43 @@ the host only when read, so a loop that does not print every step never waits fo
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
+from anychip import distributed, user_optimizer
 from anychip.backends import backend as select
 from anychip.backends.contract import Backend
 from anychip.batch import check_batch, count_tokens
 from anychip.engine import NONFINITE_POLICIES, PARALLEL_MODES, StepOutput, StepSpec
 from anychip.errors import LossFunctionError, NonFiniteLossError
-from anychip.optim import AdamW, OptimizerSpec
+from anychip.optim import AdamW
 from anychip.precision import policy
 from anychip.recompile import ShapeWatch
 
 __all__ = ["LossFunctionError", "NonFiniteLossError", "StepOutput", "StepSpec", "TrainStep"]
+
+_warned_copies = False  # the N-copies warning is given once per process
+
+
+def resolve_parallel(backend, parallel: str | None) -> str | None:
+    """``parallel="auto"``: DDP when torchrun launched several processes of a torch backend,
+    the device mesh (data parallel) on a jax backend with several devices, else one process.
+    Without ``parallel=``, torchrun's N processes would train N copies: warned once."""
+    global _warned_copies
+    reg = getattr(backend, "registration", None)
+    jax_like = reg is not None and reg.engine == "jax"
+    launched = distributed.launched_world_size()
+    if parallel == "auto":
+        if jax_like:
+            return "ddp" if len(backend.devices) > 1 or backend.processes > 1 else None
+        return "ddp" if launched is not None and launched > 1 else None
+    if parallel is None and not jax_like and launched is not None and launched > 1 and not _warned_copies:
+        _warned_copies = True
+        warnings.warn(
+            f"torchrun started {launched} processes but TrainStep(parallel=None): each process trains its own copy of "
+            "the model; pass parallel='ddp' (or 'auto') to train one model over them", stacklevel=3,
+        )
+    return parallel
 
 
 class TrainStep:
@@ -42,8 +67,9 @@ class TrainStep:
         self,
         model,
         loss_fn: Callable,
-        optimizer: OptimizerSpec | None = None,
+        optimizer=None,
         *,
+        lr_scheduler=None,
         backend=None,
         precision: str = "fp32",
         max_grad_norm: float | None = None,
@@ -62,13 +88,9 @@ class TrainStep:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
         optimizer = AdamW() if optimizer is None else optimizer
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                "optimizer must be an anychip spec such as ac.AdamW(lr=3e-4), not a torch.optim object: "
-                "the spec is what each backend materialises for itself"
-            )
-        if not isinstance(optimizer, OptimizerSpec):
-            raise TypeError(f"optimizer must be ac.AdamW(...) or ac.SGD(...), got {type(optimizer).__name__}")
+        # A spec (ac.AdamW(...)) or the user's torch.optim optimizer over model's parameters;
+        # lr_scheduler: a torch LRScheduler on it, or callable(update) -> lr factor.
+        optimizer, lr_scheduler = user_optimizer.resolve(optimizer, lr_scheduler, model)
         pol = policy(precision)
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
@@ -85,9 +107,10 @@ class TrainStep:
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         self.backend = backend if isinstance(backend, Backend) else select(backend)
+        parallel = resolve_parallel(self.backend, parallel)
         self.spec = StepSpec(
             model, loss_fn, optimizer, pol, max_grad_norm, accumulate, compile, on_nonfinite, parallel, strict_shapes, kernels,
-            split_batches,
+            split_batches, lr_scheduler,
         )
         self.engine = self.backend.make_engine(self.spec)  # an anychip.engine.Engine
         self._shapes = ShapeWatch(strict_shapes, self.backend.name)

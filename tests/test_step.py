@@ -120,11 +120,13 @@ def test_bad_arguments(kwargs, error, match):
         ac.TrainStep(w.build(), w.loss_fn, **kwargs)
 
 
-def test_torch_optimizer_instance_is_rejected_with_the_fix():
+def test_torch_optimizer_over_another_model_is_rejected_with_the_fix():
+    # A torch.optim optimizer is accepted (tests/test_user_optimizer.py) over this model's parameters only.
     w = workloads.get("mlp")
-    model = w.build()
-    with pytest.raises(TypeError, match=r"ac.AdamW"):
-        ac.TrainStep(model, w.loss_fn, torch.optim.AdamW(model.parameters()), backend="cpu")
+    with pytest.raises(ValueError, match=r"is not a parameter of model; build the optimizer over the model"):
+        ac.TrainStep(w.build(), w.loss_fn, torch.optim.AdamW(w.build().parameters()), backend="cpu")
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim optimizer .* or a spec such as ac.AdamW"):
+        ac.TrainStep(w.build(), w.loss_fn, "adamw", backend="cpu")
 
 
 def test_model_and_loss_fn_types():
@@ -220,6 +222,7 @@ def test_parallel_outside_torchrun_names_the_launch_command(monkeypatch, mode):
     w = workloads.get("mlp")
     model = w.build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ac.DistributedError, match=rf"parallel='{mode}' needs one process per device started by torchrun.*launch with: torchrun --nproc-per-node=N "):
+    refused = rf"parallel='{mode}' needs one process per device started by torchrun.*launch with: torchrun --nproc-per-node=N "
+    with pytest.raises(ac.DistributedError, match=refused):
         ac.TrainStep(model, w.loss_fn, backend="cpu", parallel=mode)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any work

@@ -18,10 +18,9 @@ import time
 import pytest
 
 import anychip as ac
-from anychip import workloads
 
 from support import requires
-from torchrun_worker import BATCH, CASES, STEPS, batches, make_step
+from torchrun_worker import CASES, STEPS, USER_CASES, batches, make_step, make_user_step
 
 WORKER = pathlib.Path(__file__).parent / "torchrun_worker.py"
 RTOL = 1e-5
@@ -75,6 +74,23 @@ def test_losses_equal_the_single_process_run_on_the_same_global_batch(report, ca
     assert got["tokens"] == [o.tokens for o in ref]
     checksum = float(sum(v.double().sum() for v in step.state_dict()["model"].values()))
     assert got["checksum"] == pytest.approx(checksum, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", USER_CASES, ids=[c[0] for c in USER_CASES])
+def test_the_users_torch_optimizer_and_scheduler_train_as_on_one_process(report, case):
+    name, recipe, parallel = case
+    got = report["user_optimizer"][name]
+    w, step = make_user_step(recipe, None)
+    ref = [step(b) for b in batches(w, 0, STEPS)]
+    assert close(got["losses"], [o.loss for o in ref]), (got["losses"], [o.loss for o in ref])
+    assert got["lrs"] == [list(o.lrs) for o in ref]  # the scheduler stepped once per update on every rank
+    state = step.state_dict()
+    assert got["checksum"] == pytest.approx(float(sum(v.double().sum() for v in state["model"].values())), rel=1e-6)
+    slots = float(sum(t.double().sum() for by_name in state["optimizer"]["slots"].values() for t in by_name.values()))
+    assert got["slots"] == pytest.approx(slots, rel=1e-5)  # the optimizer state, gathered whole
+    # FSDP: the user's optimizer now holds the sharded parameters; "auto" under torchrun is DDP
+    assert got["param_types"] == (["DTensor"] if parallel == "fsdp" else ["Parameter"])
+    assert got["parallel"] == ("ddp" if parallel == "auto" else parallel)
 
 
 def test_fsdp_shards_parameters_and_ddp_does_not(report):

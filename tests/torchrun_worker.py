@@ -28,6 +28,36 @@ CASES = [
 ]
 
 
+# The user's own torch.optim optimizer + LR scheduler: (name, recipe, parallel); "auto" must pick DDP here.
+USER_CASES = [
+    ("adamw-groups-lambdalr-ddp", "adamw", "ddp"),
+    ("adamw-groups-lambdalr-fsdp", "adamw", "fsdp"),
+    ("sgd-nesterov-onecycle-ddp", "sgd", "ddp"),
+    ("sgd-nesterov-onecycle-fsdp", "sgd", "fsdp"),
+    ("adamw-groups-lambdalr-auto", "adamw", "auto"),
+]
+
+
+def user_optimizer(recipe: str, model):
+    """What a plain torch script builds: AdamW with a no-decay group + warm-up, or SGD + 1cycle."""
+    import torch
+
+    if recipe == "adamw":
+        groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=3e-3)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS + 1)
+
+
+def make_user_step(recipe: str, parallel):
+    w = workloads.get("mlp")
+    model = w.build(seed=0)
+    opt, sched = user_optimizer(recipe, model)
+    return w, ac.TrainStep(model, w.loss_fn, opt, lr_scheduler=sched, backend="cpu", parallel=parallel)
+
+
 def make_step(workload: str, parallel, accumulate: int = 1, split_batches: bool = True, seed: int = 0):
     w = workloads.get(workload)
     model = w.build(seed=seed)
@@ -62,6 +92,19 @@ def train(out: str, ckpt: str) -> None:
             "tokens": [o.tokens for o in outs],
             "checksum": float(sum(v.double().sum() for v in state["model"].values())),
             "param_types": sorted({type(p).__name__ for p in step.engine.params}),
+        }
+    report["user_optimizer"] = {}
+    for name, recipe, parallel in USER_CASES:
+        w, step = make_user_step(recipe, parallel)
+        outs = [step(b) for b in batches(w, 0, STEPS)]
+        state = step.state_dict()
+        report["user_optimizer"][name] = {
+            "parallel": step.spec.parallel,
+            "losses": [o.loss for o in outs],
+            "lrs": [list(o.lrs) for o in outs],
+            "checksum": float(sum(v.double().sum() for v in state["model"].values())),
+            "slots": float(sum(t.double().sum() for by_name in state["optimizer"]["slots"].values() for t in by_name.values())),
+            "param_types": sorted({type(p).__name__ for g in step.engine.optimizer.param_groups for p in g["params"]}),
         }
     # A global batch that 2 ranks x accumulate 2 cannot split: refused before any work.
     w, step = make_step("mlp", "ddp", 2)

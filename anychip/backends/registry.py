@@ -112,9 +112,12 @@ _JAX = dict(module="anychip.backends.jax", device_type="jax", engine="jax", laun
 REGISTRY: tuple[Registration, ...] = (
     Registration("cuda", "anychip.backends.torch.cuda", 100, summary="PyTorch on NVIDIA GPUs", device_type="cuda"),
     Registration("jax:tpu", priority=95, summary="torch model traced to JAX via torchax, on TPU", **_JAX),
-    Registration("neuron", "anychip.backends.torch.neuron", 90, summary="TorchNeuron (native torch-neuronx 2.13+), trn2/trn3", device_type="neuron"),
     Registration(
-        "neuron-xla", "anychip.backends.torch.neuron_xla", 80, summary="torch_xla lazy tensors (torch-neuronx 2.9), trn1 or any PJRT device",
+        "neuron", "anychip.backends.torch.neuron", 90, summary="TorchNeuron (native torch-neuronx 2.13+), trn2/trn3", device_type="neuron"
+    ),
+    Registration(
+        "neuron-xla", "anychip.backends.torch.neuron_xla", 80,
+        summary="torch_xla lazy tensors (torch-neuronx 2.9), trn1 or any PJRT device",
         device_type="xla",
     ),
     Registration("jax:gpu", priority=40, auto=False, summary="torch model traced to JAX via torchax, on GPU", **_JAX),

@@ -104,7 +104,7 @@ def _write(step, state: dict, root: Path, final: Path, extra) -> Path:
     """Serialise ``state`` and rename it into place as ``final`` (rank 0's part of save)."""
     aliases = find_aliases(step.model.state_dict(keep_vars=True))
     blobs = tensor_files(state, aliases)
-    manifest = build_manifest(step, state, aliases, blobs, rng.capture(step.backend), extra)
+    manifest = build_manifest(step, state, aliases, blobs, rng.capture(step.backend, state.get("rng")), extra)
     # The manifest goes last: its presence is what makes a step-* directory complete.
     durable.commit(root, final, {**blobs, MANIFEST: manifest_bytes(manifest)}, last=MANIFEST)
     log.info("anychip: saved update %d to %s", state["step"], final)
@@ -125,10 +125,12 @@ def load(path, step, *, at: int | None = None, restore_rng: bool = True, allow_o
     manifest, tensors = read_verified(directory)
     state = check_fits(directory, manifest, tensors, step, allow_optimizer_change)
     saved_rng = rng.parse(directory, manifest.get("rng", {}), step.backend) if restore_rng else None
-    # Verified; from here on the step changes.
-    step.load_state_dict(state)
+    # Verified; from here on the step changes. Generators first: one the checkpoint has no
+    # state for (it was saved on another backend) is then derived from torch's restored one.
     if saved_rng is not None:
         rng.apply(saved_rng, step.backend)
+        state = {**state, "rng": saved_rng["engine"]}
+    step.load_state_dict(state)
     log.info("anychip: loaded update %d from %s (written on %s)", state["step"], directory, manifest.get("backend"))
     return CheckpointInfo(
         directory, state["step"], int(manifest["data_position"]), str(manifest.get("backend", "?")),

@@ -7,11 +7,11 @@ matching shapes), so the user sees what to change rather than a bare ``KeyError`
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from pathlib import Path
 
-from anychip.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE, dtype_name, spec_json
+from anychip import user_optimizer
+from anychip.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE, dtype_name, optimizer_record
 from anychip.errors import CheckpointMismatchError
 
 log = logging.getLogger("anychip")
@@ -19,11 +19,13 @@ log = logging.getLogger("anychip")
 
 def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optimizer_change: bool) -> dict:
     """The state dict to apply, once names, shapes, dtypes and the optimizer all fit the step."""
-    ours = json.loads(json.dumps(spec_json(step.spec.optimizer)))
+    ours = optimizer_record(step)
     theirs = manifest.get("optimizer")
     differences = optimizer_diff(theirs, ours)
     if differences:
         type_changed = not isinstance(theirs, dict) or theirs.get("type") != ours["type"]
+        # A torch.optim optimizer whose groups hold other parameters cannot take the saved state.
+        type_changed = type_changed or _group_params(theirs) != _group_params(ours)
         if type_changed or not allow_optimizer_change:
             hint = "" if type_changed else " (pass allow_optimizer_change=True to resume with the new settings)"
             raise CheckpointMismatchError(
@@ -51,6 +53,8 @@ def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optim
     for key, t in tensors[OPTIMIZER_FILE].items():
         slot, _, name = key.partition("/")
         slots.setdefault(slot, {})[name] = t
+    if user_optimizer.is_torch_optimizer(step.spec.optimizer):
+        return _user_optimizer_state(directory, manifest, model, slots, trainable, keep_settings=bool(differences))
     for slot in step.spec.optimizer.slots:
         slots.setdefault(slot, {})
     unknown_slots = sorted(set(slots) - set(step.spec.optimizer.slots))
@@ -69,6 +73,35 @@ def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optim
         if any(d.values()):
             raise CheckpointMismatchError(mismatch_message(directory, f"optimizer slot {slot!r}", d), **d)
     return {"step": int(manifest["step"]), "model": model, "optimizer": {"slots": slots}}
+
+
+def _group_params(record) -> list | None:
+    groups = record.get("fields", {}).get("groups") if isinstance(record, dict) else None
+    return None if groups is None else [g.get("params") for g in groups]
+
+
+def _user_optimizer_state(directory: Path, manifest: dict, model: dict, slots: dict, trainable: dict, keep_settings: bool) -> dict:
+    """A torch.optim optimizer's state: its slots are whatever it created (found in the files);
+    each must name a trainable parameter and be shaped like it, or be a per-parameter scalar.
+    ``keep_settings`` (a changed optimizer, allowed): the step keeps its own fixed
+    hyperparameters and takes only what the scheduler moves from the checkpoint."""
+    for slot, by_name in slots.items():
+        known = [k for k in sorted(by_name) if k in trainable]
+        d = {
+            "missing": [], "renamed": [], "retyped": [],
+            "unexpected": sorted(set(by_name) - set(trainable)),
+            "reshaped": [(k, tuple(by_name[k].shape), trainable[k][0]) for k in known
+                         if by_name[k].ndim and tuple(by_name[k].shape) != trainable[k][0]],
+        }
+        if any(d.values()):
+            raise CheckpointMismatchError(mismatch_message(directory, f"optimizer slot {slot!r}", d), **d)
+    listed = manifest["optimizer_state"]
+    groups = listed.get("groups", [])
+    if keep_settings:
+        kept = user_optimizer.SCHEDULED_KEYS | {"params"}
+        groups = [{k: v for k, v in g.items() if k in kept} for g in groups]
+    optimizer = {"slots": slots, "scalars": listed.get("scalars", {}), "groups": groups}
+    return {"step": int(manifest["step"]), "model": model, "optimizer": optimizer, "lr_scheduler": manifest.get("lr_scheduler")}
 
 
 def trainable_params(step) -> dict:

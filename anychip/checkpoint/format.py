@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from anychip import user_optimizer
 from anychip.errors import CheckpointCorruptError, CheckpointVersionError
 from anychip.version import __version__
 
@@ -51,7 +52,27 @@ def spec_json(obj):
         return {"type": type(obj).__name__, "fields": {f.name: spec_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
     if isinstance(obj, (tuple, list)):
         return [spec_json(v) for v in obj]
+    if callable(obj):  # a callable schedule or rule: recorded by name (its code is the user's)
+        return f"callable {getattr(obj, '__qualname__', type(obj).__name__)}"
     return obj
+
+
+def optimizer_record(step) -> dict:
+    """The manifest's description of the step's optimizer, as JSON: a spec's fields (its
+    ``no_decay`` rule as the parameter names it exempts), or a torch.optim optimizer's class,
+    defaults and groups. Loading compares it with the step's own."""
+    opt = step.spec.optimizer
+    if user_optimizer.is_torch_optimizer(opt):
+        record = user_optimizer.describe(opt, step.engine.names)
+    else:
+        record = spec_json(opt)
+        if record["fields"].get("no_decay", ...) is None:
+            del record["fields"]["no_decay"]  # no rule: the manifest of specs before no_decay existed
+        elif getattr(opt, "no_decay", None) is not None:
+            trainable = set(step.engine.param_names)
+            decays = opt.decays((n, p) for n, p in step.model.named_parameters() if n in trainable)
+            record["fields"]["no_decay"] = {"params": sorted(n for n, d in decays.items() if not d)}
+    return json.loads(json.dumps(record))
 
 
 def find_aliases(live_state: dict) -> dict:
@@ -103,12 +124,15 @@ def build_manifest(step, state: dict, aliases: dict, blobs: dict, rng: dict, ext
         "data_position": n,  # the next batch is workload.batch(n, ...): data is a pure function of the update
         "backend": step.backend.name,
         "precision": step.spec.policy.name,
-        "optimizer": spec_json(step.spec.optimizer),
+        "optimizer": optimizer_record(step),
         "rng": rng,
         "model": {"tensors": {k: describe(t) for k, t in state["model"].items()}, "aliases": aliases},
         "optimizer_state": {
-            "slots": {slot: {k: describe(t) for k, t in by_name.items()} for slot, by_name in state["optimizer"]["slots"].items()}
+            "slots": {slot: {k: describe(t) for k, t in by_name.items()} for slot, by_name in state["optimizer"]["slots"].items()},
+            # the user's torch.optim optimizer: hyperparameters by group, non-tensor state
+            **{k: state["optimizer"][k] for k in ("groups", "scalars") if k in state["optimizer"]},
         },
+        "lr_scheduler": state.get("lr_scheduler"),
         "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in blobs.items()},
         "extra": extra,
     }

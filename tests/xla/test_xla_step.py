@@ -215,7 +215,9 @@ MOVE_STEPS = 6  # 3 before the move, 3 after
 OPTIMIZERS = {
     "adamw-warmupcosine": lambda: adamw(MOVE_STEPS),
     "adamw-constant": lambda: ac.AdamW(lr=1e-2, weight_decay=0.1),
-    "sgd-nesterov-warmuplinear": lambda: ac.SGD(lr=5e-2, momentum=0.9, nesterov=True, weight_decay=0.01, schedule=ac.WarmupLinear(1, MOVE_STEPS)),
+    "sgd-nesterov-warmuplinear": lambda: ac.SGD(
+        lr=5e-2, momentum=0.9, nesterov=True, weight_decay=0.01, schedule=ac.WarmupLinear(1, MOVE_STEPS)
+    ),
     "sgd-momentum-constant": lambda: ac.SGD(lr=5e-2, momentum=0.9),
     "sgd-plain-warmupcosine": lambda: ac.SGD(lr=5e-2, schedule=ac.WarmupCosine(2, MOVE_STEPS)),
 }

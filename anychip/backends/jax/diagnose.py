@@ -57,7 +57,8 @@ def translate(exc: BaseException, backend_name: str) -> BaseException | None:
                 f"Run this model on a torch backend (backend='cpu' or 'cuda'), or give the op a JAX "
                 f"implementation through a kernel override (anychip.kernels)."
             )
-        if isinstance(e, jax.errors.ConcretizationTypeError | jax.errors.TracerBoolConversionError | jax.errors.TracerIntegerConversionError):
+        host_reads = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+        if isinstance(e, host_reads):
             return LossFunctionError(
                 f"{backend_name} traces the model into a jitted step, and it reads a tensor value on the host "
                 f"at {user_frame(e)} (.item(), float(t), bool(t) or an `if` on a tensor); keep such logic "

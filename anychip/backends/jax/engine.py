@@ -14,13 +14,15 @@ import contextlib
 import logging
 
 from anychip import distributed
+from anychip.backends.jax import autocast as jax_autocast
+from anychip.backends.jax import prng, step_optimizer
 from anychip.backends.jax.convert import DATA_AXIS, global_array, host_array, matmul_precision, to_torch
 from anychip.backends.jax.diagnose import translate
 from anychip.batch import call_loss, check_loss
 from anychip.engine import PendingCheck, StepOutput
 from anychip.errors import DistributedError
 from anychip.kernels.scope import kernel_scope
-from anychip.kernels.torchax import environment as torchax_environment
+from anychip.kernels.torchax import cumulative_batch_norm, environment as torchax_environment
 
 log = logging.getLogger("anychip")
 
@@ -65,6 +67,10 @@ class JaxEngine:
         # Frozen parameters travel with the buffers: inputs of the step, never updated.
         self._frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         self._constants = {**{n: p for n, p in model.named_parameters() if n in self._frozen}, **dict(model.named_buffers())}
+        # A spec as optax, or the user's torch.optim optimizer translated (refused here, before
+        # any work, if it cannot be); its scheduled hyperparameters are inputs of the step.
+        self.optimizer = step_optimizer.make(spec, model, self.param_names)
+        self.names = getattr(self.optimizer, "names", None)  # {id(torch parameter): name}, for checkpoints
 
         class _Loss(torch.nn.Module):
             # loss_fn(model, batch) as a module call, so torch.func.functional_call can run it
@@ -79,14 +85,15 @@ class JaxEngine:
         self._loss_module = _Loss()
         self.kernels_used: set[str] = set()  # e.g. {"attention:cudnn"}, filled when the step is traced
         self.env = torchax_environment(backend.platform, spec.kernels, self.kernels_used)
-        self.optimizer = spec.optimizer.to_optax()
+        if spec.policy.autocast:
+            jax_autocast.install(self.env, backend.platform)  # torch's op policy, on while tracing
         self._param_sharding = {
             name: backend.sharding(_fsdp_spec(p.shape, n) if spec.parallel == "fsdp" else None)
             for name, p in self._trainable.items()
         }
         replicated = backend.sharding()
         params, buffers = self._host_state()
-        key = np.asarray(jax.random.key_data(jax.random.key(torch.initial_seed() % (1 << 63))))
+        key = prng.initial_key_data()  # from torch's generator: torch.manual_seed governs dropout here too
         if backend.processes > 1:
             # Process 0's weights and PRNG key everywhere, as DDP and FSDP do under torchrun:
             # processes that built the model differently still train one model.
@@ -94,11 +101,14 @@ class JaxEngine:
 
             params, buffers, key = multihost_utils.broadcast_one_to_all((params, buffers, key))
         self._place_state(params, buffers)
-        self._key = jax.jit(jax.random.wrap_key_data, out_shardings=replicated)(global_array(key, replicated))
+        self._key = prng.place(key, replicated)
         self.opt_state = self._init_optimizer()
         out_shardings = (self._param_sharding, replicated, self._opt_sharding, replicated, replicated, replicated, replicated)
         # CPU supports donation too; the old state buffers are reused for the new state.
-        self._jitted = jax.jit(self._step, donate_argnums=(0, 1, 2, 3), out_shardings=out_shardings)
+        self._jitted = jax.jit(
+            self._step, donate_argnums=(0, 1, 2, 3), out_shardings=out_shardings,
+            compiler_options=jax_autocast.compiler_options(backend.platform, spec.policy),
+        )
         self._run = self._jitted if spec.compile is not False else self._step  # compile=False: eager, for debugging
         self._true = global_array(np.asarray(True), replicated)
         self.pending = None  # a PendingCheck of the last step, read one step late
@@ -146,15 +156,12 @@ class JaxEngine:
 
         env, acc, policy = self.env, self.spec.accumulate, self.spec.policy
         stored = buffers
-        if policy.compute_dtype == "bf16":
-            # "bf16": float32 master weights cast for the forward (their gradients come back in
-            # float32 through the cast); both bf16 policies feed float inputs in bf16. Buffers
-            # keep their dtype, as under torch autocast.
-            cast = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-            params = {k: cast(v) for k, v in params.items()}
-            buffers = {k: cast(v) if k in self._frozen else v for k, v in buffers.items()}
-            micro = jax.tree.map(cast, micro)
-        with env.override_property(prng=key):
+        if policy.param_dtype == "bf16":
+            # "bf16-pure": parameters are stored in bf16; float inputs are fed in bf16 too, as
+            # TorchEngine does. "bf16" casts nothing here: autocast decides per op (below).
+            micro = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, micro)
+        autocast = policy.torch_dtype("compute") if policy.autocast else None
+        with env.override_property(prng=key, autocast_dtype=autocast):
             tparams, tbuffers, tbatch = env.j2t_iso((params, buffers, micro))
             state = {f"model.{k}": v for k, v in {**tparams, **tbuffers}.items()}
             with env:
@@ -173,7 +180,7 @@ class JaxEngine:
         norms = [jnp.linalg.norm(grads[n].astype(jnp.float32).ravel()) for n in self.param_names]
         return jnp.linalg.norm(jnp.stack(norms)) if norms else jnp.zeros((), jnp.float32)
 
-    def _step(self, params, buffers, opt_state, key, batch, previous_ok):
+    def _step(self, params, buffers, opt_state, key, batch, previous_ok, hyper):
         import jax
         import jax.numpy as jnp
         import optax
@@ -205,7 +212,7 @@ class JaxEngine:
             # times max_norm), clamped to 1, multiplied in unconditionally.
             coef = jnp.minimum(jnp.reciprocal(norm + 1e-6) * spec.max_grad_norm, 1.0)
             grads = {k: (g * coef).astype(g.dtype) for k, g in grads.items()}
-        updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
+        updates, new_opt_state = self.optimizer.update(grads, opt_state, params, hyper)
         new_params = optax.apply_updates(params, updates)
         # ``previous_ok`` is the previous step's flag when its check is deferred (see step()):
         # a step queued behind an unnoticed non-finite one changes nothing at all.
@@ -228,12 +235,19 @@ class JaxEngine:
         import jax
 
         with jax.default_matmul_precision(matmul_precision()), kernel_scope(self.backend.name, self.spec.kernels):
-            yield
+            with cumulative_batch_norm(self._template):  # momentum=None: the factor as traced data
+                yield
+
+    def _hyper(self):
+        """This update's scheduled hyperparameters (None for a spec's in-jit schedule), placed
+        as data: a new value is a new input, never a new program."""
+        hyper = self.optimizer.hyper(self.updates)
+        return None if hyper is None else global_array(hyper, self.backend.sharding())
 
     def _call(self, placed, previous_ok):
         try:
             with self._tracing():
-                return self._run(self.params, self.buffers, self.opt_state, self._key, placed, previous_ok)
+                return self._run(self.params, self.buffers, self.opt_state, self._key, placed, previous_ok, self._hyper())
         except Exception as exc:
             better = translate(exc, self.backend.name)
             if better is None:
@@ -249,7 +263,7 @@ class JaxEngine:
         placed = self.backend.place_batch(batch, spec.accumulate, strict=spec.parallel is not None, split_batches=spec.split_batches)
         if not spec.split_batches:
             tokens *= self.backend.processes  # each process passed its own part of the global batch
-        lr = spec.optimizer.lr_at(self.updates)
+        lr = self.optimizer.lrs(self.updates)
         pending, self.pending = self.pending, None
         out = self._call(placed, pending.flag if pending is not None else self._true)
         self.params, self.buffers, self.opt_state, self._key, loss, norm, ok = out
@@ -262,6 +276,7 @@ class JaxEngine:
             log.warning("anychip: step %d: loss %s, grad norm %s is not finite; update skipped", self.updates + 1, float(loss), float(norm))
             return StepOutput(self.updates, loss, norm, lr, tokens, skipped=True)
         self.updates += 1
+        self.optimizer.advance(provisional=spec.on_nonfinite == "raise")  # once per applied update
         return StepOutput(self.updates, loss, norm, lr, tokens)
 
     def _raise(self, pending) -> None:
@@ -269,6 +284,7 @@ class JaxEngine:
         if pending is None or not pending.failed():
             return
         self.updates = pending.step - 1
+        self.optimizer.rewind()  # the withheld update does not advance the scheduler
         raise pending.error()
 
     def raise_pending_nonfinite(self) -> None:
@@ -289,7 +305,7 @@ class JaxEngine:
         compiles = self.compiles
         try:
             with self._tracing():
-                return self._jitted.lower(self.params, self.buffers, self.opt_state, self._key, placed, self._true)
+                return self._jitted.lower(self.params, self.buffers, self.opt_state, self._key, placed, self._true, self._hyper())
         finally:
             self.compiles = compiles  # lowering for inspection is not a step compile
 
@@ -315,14 +331,11 @@ class JaxEngine:
         """The layout of the torch engines' state: CPU tensors by name.
         Multi-host: every process must call it (sharded arrays are gathered collectively)."""
         model = self.model
-        slots = {
-            slot: {} if self.updates == 0 else {n: to_torch(getattr(self.opt_state, slot)[n]) for n in self.param_names}
-            for slot in self.spec.optimizer.slots
-        }
         return {
             "step": self.updates,
             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "optimizer": {"slots": slots},
+            **self.optimizer.state_dict(self.opt_state, self.updates, self.param_names, to_torch),
+            "rng": prng.key_state(self._key),  # the engine's own generator (see anychip.backends.jax.prng)
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -330,21 +343,20 @@ class JaxEngine:
         pieces its devices hold, so loading communicates nothing."""
         import numpy as np
 
+        # "rng" absent (ac.load(restore_rng=False)): the key runs on; checked before anything changes.
+        rng = state.get("rng")
+        key = None if rng is None else prng.key_data_from_state(rng, int(state["step"]), self._key)
         self.pending = None  # whatever the last step did is replaced
         self._template.load_state_dict(state["model"])  # torch checks names and shapes
         self._stale = False
         self._place_state(*self._host_state())
         n = int(state["step"])
-        fresh = self._init_optimizer()
-        given = state["optimizer"]["slots"]
-        fields = {}
-        for slot in self.spec.optimizer.slots:
-            tree = dict(getattr(fresh, slot))
-            for name, value in given.get(slot, {}).items():
-                if name not in tree:
-                    raise KeyError(f"optimizer slot {slot!r} names {name!r}, which is not a trainable parameter of this model")
-                tree[name] = global_array(host_array(value).astype(tree[name].dtype), self._param_sharding[name])
-            fields[slot] = tree
-        count = global_array(np.asarray(n, np.int32), self.backend.sharding())
-        self.opt_state = fresh._replace(count=count, **fields)
+
+        def place(name, value, like):  # a whole host value where ``like`` lives (its shard of it)
+            a = host_array(value) if hasattr(value, "detach") else np.asarray(value)
+            return global_array(a.astype(like.dtype), like.sharding)
+
+        self.opt_state = self.optimizer.load(self._init_optimizer(), state, n, place)
         self.updates = n
+        if key is not None:
+            self._key = prng.place(key, self.backend.sharding())

@@ -10,7 +10,7 @@ import dataclasses
 from types import MappingProxyType
 from typing import Mapping
 
-from anychip.backends.contract import Backend, MemoryStats, process_rss_stats
+from anychip.backends.contract import Backend, MemoryStats, process_rss_stats, seed_from_torch
 from anychip.batch import map_tensors
 
 
@@ -73,7 +73,10 @@ class NativeTorchBackend(Backend):
         return TorchEngine(self, spec)
 
     def make_optimizer(self, spec, params):
-        """The torch.optim object for an optimizer spec (fused where the device has kernels)."""
+        """The torch.optim object for an optimizer spec (fused where the device has kernels), or
+        the user's own torch.optim optimizer as given (``params`` is then None)."""
+        if params is None:
+            return spec
         return spec.to_torch(params, fused=self.traits.fused_optimizer)
 
     def compile(self, fn):
@@ -119,10 +122,14 @@ class NativeTorchBackend(Backend):
     def set_rng_state(self, state: dict) -> None:
         import torch
 
-        raw = state.get(self.traits.device_type) if self._accelerated() else None
+        if not self._accelerated():
+            return
+        module = torch.get_device_module(self.traits.device_type)
+        raw = state.get(self.traits.device_type)
         if raw is not None:
-            module = torch.get_device_module(self.traits.device_type)
             module.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        elif hasattr(module, "manual_seed"):  # saved where this generator does not exist
+            module.manual_seed(seed_from_torch())
 
     def init_distributed(self) -> None:
         """Join torchrun's process group; an accelerator first binds this process to its

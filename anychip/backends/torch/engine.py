@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 
+from anychip import user_optimizer
 from anychip.backends.torch import guards, parallel, state
-from anychip.batch import call_loss, check_loss, split_batch
+from anychip.batch import call_loss, check_loss, map_tensors, split_batch
 from anychip.engine import StepOutput, StepSpec
 from anychip.kernels.scope import kernel_scope
 
@@ -25,6 +26,9 @@ class TorchEngine:
         self.world, self.rank = self.parallel.world, self.parallel.rank
         self.batch_parts = self.world if spec.split_batches else 1  # each rank takes one part
         model = spec.model
+        # The user's own torch.optim optimizer is used as given, over the parameters as placed.
+        user_opt = user_optimizer.is_torch_optimizer(spec.optimizer)
+        names_before = user_optimizer.names_by_id(model) if user_opt else None
         if spec.policy.param_dtype != "fp32":
             model = model.to(spec.policy.torch_dtype("param"))
         self.model = backend.place(model)
@@ -32,7 +36,14 @@ class TorchEngine:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.optimizer = backend.make_optimizer(spec.optimizer, self.params)
+        if user_opt:
+            user_optimizer.rebind(spec.optimizer, names_before, self.model)
+            self.optimizer = backend.make_optimizer(spec.optimizer, None)
+        else:
+            self.optimizer = backend.make_optimizer(spec.optimizer, spec.optimizer.torch_groups(named))
+        self.scheduler = spec.lr_scheduler  # the user's LRScheduler on self.optimizer, or None
+        self.names = user_optimizer.names_by_id(self.model)  # {id(parameter): name} for the state layout
+        self._rewind = None  # scheduler state before the last deferred-checked update
         self._guard = guards.choose(backend, spec, fused=bool(self.optimizer.defaults.get("fused")))
         self.pending = None  # a PendingCheck of the last step, read one step late
         traits = backend.traits
@@ -42,6 +53,14 @@ class TorchEngine:
             functools.partial(torch.autocast, traits.device_type, dtype=spec.policy.torch_dtype("compute"))
             if spec.policy.autocast
             else contextlib.nullcontext
+        )
+        # "bf16-pure": float inputs are fed in the parameters' bf16 (as JaxEngine does); a float32
+        # batch into bf16 weights would fail at the first matmul.
+        stored = spec.policy.torch_dtype("param")
+        self._cast_inputs = (
+            functools.partial(map_tensors, lambda t: t.to(stored) if t.is_floating_point() else t)
+            if spec.policy.param_dtype != "fp32"
+            else None
         )
         self.updates = 0
         # anychip.nn layers pick their kernels for this backend: a scope per step, not a
@@ -64,7 +83,8 @@ class TorchEngine:
         spec = self.spec
         with self.parallel.collectives(f"step {self.updates + 1}"):
             batch, tokens = self.parallel.local_batch(batch, tokens, spec.split_batches)
-            micro = split_batch(self.backend.place_batch(batch), spec.accumulate)
+            placed = self.backend.place_batch(batch)
+            micro = split_batch(placed if self._cast_inputs is None else self._cast_inputs(placed), spec.accumulate)
             total = None
             with self._kernel_scope():
                 for i, mb in enumerate(micro):
@@ -89,6 +109,18 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.backend.mark_step()
         self.updates += 1
+        self.advance_schedule()
+
+    def advance_schedule(self) -> None:
+        """The user's scheduler steps once per applied update. Under a check read one step
+        late (``self.pending``), its state is kept first, to be put back if that step failed."""
+        if self.scheduler is None:
+            return
+        if self.pending is not None:
+            keys = user_optimizer.SCHEDULED_KEYS
+            groups = [{k: v for k, v in g.items() if k in keys} for g in self.optimizer.param_groups]
+            self._rewind = (self.scheduler.state_dict(), groups)
+        user_optimizer.advance(self.scheduler)
 
     def raise_pending_nonfinite(self) -> None:
         """Raise for a deferred non-finite step (its update was already withheld on the device)."""
@@ -97,25 +129,33 @@ class TorchEngine:
             return
         self.optimizer.zero_grad(set_to_none=True)
         self.updates = pending.step - 1
+        if self._rewind is not None:  # the withheld update does not advance the schedule
+            self.scheduler.load_state_dict(self._rewind[0])
+            for group, values in zip(self.optimizer.param_groups, self._rewind[1]):
+                group.update(values)
+            self._rewind = None
         raise pending.error()
 
     def synchronize(self) -> None:
         self.backend.synchronize()
 
-    def _set_lr(self, update: int) -> float:
-        """Learning rate of update number ``update`` (0-based), written into the optimizer.
-        Computed as ``lr * schedule(update)``, the product LambdaLR forms, so a hand-written
-        loop with LambdaLR gets bit-identical values. A tensor lr (lazy-tensor backends keep
-        it on the device so that its value is graph data, not a constant) is copied into."""
+    def _set_lr(self, update: int) -> tuple[float, ...]:
+        """Each group's learning rate for update number ``update`` (0-based). A spec's is
+        written into the optimizer, computed as ``lr * schedule(update)``, the product LambdaLR
+        forms, so a hand-written loop with LambdaLR gets bit-identical values; a tensor lr
+        (lazy-tensor backends keep it on the device so that its value is graph data, not a
+        constant) is copied into. The user's optimizer holds its own (its scheduler set them)."""
         import torch
 
+        if self.spec.optimizer is self.optimizer:
+            return user_optimizer.group_lrs(self.optimizer)
         value = self.spec.optimizer.lr * self.spec.optimizer.schedule.value(update)
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].copy_(torch.tensor(value, dtype=group["lr"].dtype))
             else:
                 group["lr"] = value
-        return value
+        return (value,) * len(self.optimizer.param_groups)
 
     def state_dict(self) -> dict:
         self.raise_pending_nonfinite()

@@ -83,12 +83,12 @@ def masked_check(engine, loss, norm, lr: float, tokens: int) -> StepOutput:
     del before  # not a graph output: the old values stay graph inputs, never copied out
     optimizer.zero_grad(set_to_none=True)
     engine.backend.mark_step()
-    engine.updates += 1
     if engine.spec.on_nonfinite == "raise":
-        engine.pending = PendingCheck(finite, engine.updates, loss, norm)
+        engine.pending = PendingCheck(finite, engine.updates + 1, loss, norm)
     elif not bool(finite):
-        engine.updates -= 1
         return _skipped(engine, loss, norm, lr, tokens, " (masked on the device)")
+    engine.updates += 1
+    engine.advance_schedule()  # a skipped update does not advance the user's scheduler
     return StepOutput(engine.updates, loss, norm, lr, tokens)
 
 

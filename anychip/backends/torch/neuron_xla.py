@@ -23,7 +23,8 @@ How a training step maps onto lazy tensors (every point measured in docs/torch_x
   step (or at ``state_dict()``), ``"skip"`` waits for the step and reports ``skipped=True``.
   Either way the non-finite update was *not* applied.
 * bf16 is ``torch.autocast("xla", dtype=torch.bfloat16)``. Not ``torch_xla.amp.autocast``: it
-  only enables itself on TPU/Neuron hardware and then fails on a CPU device.
+  only enables itself on TPU/Neuron hardware and then fails on a CPU device. torch_xla's op list
+  lacks SDPA and the RNN cells; ``xla_autocast`` adds torch's rule for them.
 * ``torch_xla.device()`` is called in :func:`create`: the autograd engine sizes its device
   queues at the first backward of the process, so a CPU backward that ran before it breaks
   every later XLA backward; create() checks for that and says so.
@@ -44,10 +45,11 @@ from __future__ import annotations
 import contextlib
 import os
 
-from anychip.backends.contract import MemoryStats
+from anychip.backends.contract import MemoryStats, seed_from_torch
 from anychip.backends.facts import host, nvidia, peaks, tpu
 from anychip.backends.facts import neuron
 from anychip.backends.registry import Availability
+from anychip.backends.torch import xla_autocast, xla_batch_norm
 from anychip.backends.torch.base import NativeTorchBackend, Traits
 from anychip.errors import BackendError
 
@@ -105,7 +107,8 @@ def probe(name: str = "neuron-xla") -> Availability:
             INSTALL,
         )
     if torch_v is None:
-        return unavailable(f"torch-xla {txla} is installed but torch is not", f"pip install 'torch=={'.'.join(map(str, _major_minor(txla)))}.*'")
+        wanted = ".".join(map(str, _major_minor(txla)))
+        return unavailable(f"torch-xla {txla} is installed but torch is not", f"pip install 'torch=={wanted}.*'")
     if _major_minor(torch_v) != _major_minor(txla):
         want = ".".join(map(str, _major_minor(txla)))
         return unavailable(
@@ -162,6 +165,8 @@ class NeuronXlaBackend(NativeTorchBackend):
         return peaks.neuron_core_flops(self.device_kind, dtype, self.devices_in_use)
 
     def rng_state(self) -> dict:
+        """torch_xla's running seed: after a ``torch_xla.sync()`` (every step ends with one) it is
+        the whole generator state, so setting it back continues the stream exactly."""
         import torch_xla.core.xla_model as xm
 
         return {"xla": int(xm.get_rng_state(self.device))}
@@ -169,8 +174,16 @@ class NeuronXlaBackend(NativeTorchBackend):
     def set_rng_state(self, state: dict) -> None:
         import torch_xla.core.xla_model as xm
 
-        if "xla" in state:
-            xm.set_rng_state(int(state["xla"]), self.device)
+        xm.set_rng_state(int(state["xla"]) if "xla" in state else seed_from_torch(), self.device)
+
+    def make_engine(self, spec):
+        """The torch engine, with the XLA generator seeded from torch's first: torch.manual_seed
+        does not reach torch_xla's generator, which would otherwise run on from wherever the
+        process left it (one seed, two different runs; two seeds, the same dropout masks)."""
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed_from_torch(), self.device)
+        return super().make_engine(spec)
 
     def place(self, model):
         """``model.to(device)``, keeping tied parameters tied. Moving to XLA gives every module a
@@ -186,6 +199,7 @@ class NeuronXlaBackend(NativeTorchBackend):
         for (first, first_name), *others in owners.values():
             for module, name in others:
                 module._parameters[name] = first._parameters[first_name]
+        xla_batch_norm.install(model)  # torch_xla's running_var update is the biased one
         return model
 
     def compile(self, fn):
@@ -197,6 +211,15 @@ class NeuronXlaBackend(NativeTorchBackend):
     def make_optimizer(self, spec, params):
         import torch
 
+        if params is None:  # the user's own optimizer (its parameters already on the device)
+            if "capturable" in spec.defaults:
+                # Step counts and bias corrections on the device: masked on a non-finite step
+                # like the slots, and no host value baked into the graph. The scheduled floats
+                # (lr, momentum, betas) are scalars torch_xla passes as device data: no new graph.
+                spec.defaults["capturable"] = True
+                for group in spec.param_groups:
+                    group["capturable"] = True
+            return spec
         optimizer = spec.to_torch(params)
         if isinstance(optimizer, torch.optim.Adam):  # AdamW is one
             # The lr becomes graph data (the engine copies each scheduled value into it) and
@@ -305,4 +328,5 @@ def create(availability: Availability) -> NeuronXlaBackend:
 
     device = torch_xla.device()
     _check_autograd_sees(device)
+    xla_autocast.install()  # SDPA and RNN cells in bf16 under autocast, as on cpu and cuda
     return NeuronXlaBackend(availability, device)

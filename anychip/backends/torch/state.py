@@ -8,6 +8,8 @@ each rank's shard without communicating.
 
 from __future__ import annotations
 
+from anychip import user_optimizer
+
 
 def whole(t):
     """A CPU copy of ``t``; a sharded DTensor is all-gathered first."""
@@ -25,6 +27,13 @@ def shaped_like(value, target):
 
 
 def engine_state(engine) -> dict:
+    if engine.spec.optimizer is engine.optimizer:  # the user's own torch.optim optimizer
+        return {
+            "step": engine.updates,
+            "model": {k: whole(v) for k, v in engine.model.state_dict().items()},
+            "optimizer": user_optimizer.optimizer_state(engine.optimizer, engine.names, whole),
+            "lr_scheduler": user_optimizer.scheduler_state(engine.scheduler),
+        }
     opt_state = engine.optimizer.state
     slots = {
         slot: {n: whole(opt_state[p][slot]) for n, p in zip(engine.param_names, engine.params) if slot in opt_state.get(p, {})}
@@ -43,6 +52,11 @@ def load_engine_state(engine, state: dict) -> None:
     current = engine.model.state_dict()
     engine.model.load_state_dict({k: shaped_like(v, current.get(k)) for k, v in state["model"].items()})
     n = int(state["step"])
+    if engine.spec.optimizer is engine.optimizer:
+        user_optimizer.load_optimizer_state(engine.optimizer, state["optimizer"], engine.names, shaped_like)
+        user_optimizer.load_scheduler_state(engine.scheduler, state.get("lr_scheduler"))
+        engine.updates = n
+        return
     per_param = {}
     for i, name in enumerate(engine.param_names):
         entry = {
