@@ -15,82 +15,12 @@ import torch
 
 import anychip as ac
 from anychip import step as step_module
+from optimizer_cases import RECIPES, adamw_warmup, batches, build, loss_fn, no_decay, plain_loop
 from support import requires
 
-STEPS = 8
 NEEDS_JAX = requires("jax", "torchax", "optax")
 JAX = pytest.param("jax:cpu", marks=NEEDS_JAX)
 BACKENDS = ["cpu", JAX]
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = torch.nn.Linear(6, 16)
-        self.norm = torch.nn.LayerNorm(16)
-        self.out = torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.norm(self.inp(x))))
-
-
-def build() -> Net:
-    torch.manual_seed(0)
-    return Net()
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return torch.nn.functional.cross_entropy(model(x), y)
-
-
-def batches(n: int = STEPS, start: int = 0) -> list:
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(start + n)]
-    return data[start:]
-
-
-def no_decay(name: str, p) -> bool:
-    return p.ndim < 2  # biases and norm weights: the usual LLM recipe
-
-
-def adamw_warmup(model):
-    decay = [p for n, p in model.named_parameters() if not no_decay(n, p)]
-    exempt = [p for n, p in model.named_parameters() if no_decay(n, p)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": exempt, "weight_decay": 0.0}], lr=2e-2)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
-
-
-def sgd_onecycle(model):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    # cycle_momentum (the default) moves the momentum every step, opposite to the lr
-    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=STEPS + 2)
-
-
-def cosine_sequential(model):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.2, total_iters=2)
-    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
-    return opt, torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[2])
-
-
-RECIPES = {"adamw-groups-lambdalr": adamw_warmup, "sgd-nesterov-onecycle": sgd_onecycle, "adam-sequential": cosine_sequential}
-
-
-def plain_loop(recipe, data):
-    """What the user's script does without anychip."""
-    model = build()
-    opt, sched = recipe(model)
-    losses, lrs = [], []
-    for batch in data:
-        lrs.append(tuple(g["lr"] for g in opt.param_groups))
-        loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, lrs, model
 
 
 def tolerance(backend: str) -> float:
@@ -112,7 +42,7 @@ def assert_weights(model, ref, rtol):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_optimizer_and_scheduler_unchanged_equal_the_plain_loop(backend, recipe):
     data = batches()
-    want, want_lrs, ref = plain_loop(RECIPES[recipe], data)
+    want, want_lrs, _, ref = plain_loop(RECIPES[recipe], data)
     model = build()
     opt, sched = RECIPES[recipe](model)
     step = ac.TrainStep(model, loss_fn, opt, lr_scheduler=sched, backend=backend)
@@ -130,7 +60,7 @@ def test_torch_optimizer_and_scheduler_unchanged_equal_the_plain_loop(backend, r
 @pytest.mark.parametrize("recipe", ["adamw-groups-lambdalr", "sgd-nesterov-onecycle"])
 def test_save_at_step_4_resume_on_the_other_backend(tmp_path, recipe, first, second):
     data = batches()
-    want, want_lrs, _ = plain_loop(RECIPES[recipe], data)
+    want, want_lrs, _, _ = plain_loop(RECIPES[recipe], data)
     model = build()
     opt, sched = RECIPES[recipe](model)
     a = ac.TrainStep(model, loss_fn, opt, lr_scheduler=sched, backend=first)
@@ -197,7 +127,7 @@ def test_callable_schedule_with_a_torch_optimizer_and_with_a_spec(backend):
     data = batches(4)
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    want, want_lrs, _ = plain_loop(lambda m: (o := torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    want, want_lrs, _, _ = plain_loop(lambda m: (o := torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                                               torch.optim.lr_scheduler.LambdaLR(o, factor)), data)
     outs = [s(b) for s in [ac.TrainStep(model, loss_fn, opt, lr_scheduler=factor, backend=backend)] for b in data]
     assert_close([o.loss for o in outs], want, tolerance(backend))
@@ -217,7 +147,7 @@ def test_spec_no_decay_groups_equal_torch_with_two_groups(backend):
         opt, _ = adamw_warmup(model)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
-    want, _, ref = plain_loop(recipe, data)
+    want, _, _, ref = plain_loop(recipe, data)
     step = ac.TrainStep(build(), loss_fn, ac.AdamW(lr=2e-2, weight_decay=0.1, no_decay=no_decay), backend=backend)
     outs = [step(b) for b in data]
     assert_close([o.loss for o in outs], want, tolerance(backend))

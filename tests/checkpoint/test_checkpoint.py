@@ -21,15 +21,6 @@ pytestmark = requires("safetensors")
 needs_jax = requires("jax", "torchax", "optax")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and does not crawl when the machine is busy
-    (OpenMP threads spinning on oversubscribed cores made these tests 7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 COSINE = ac.WarmupCosine(warmup=3, total=20)
 ADAMW = ac.AdamW(lr=3e-3, weight_decay=0.1, schedule=COSINE)
 SIZES = {"gpt-tiny": (4, 16), "mlp": (16, 1)}  # batch, seq
