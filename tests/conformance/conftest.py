@@ -5,9 +5,9 @@ each registration whose probe says available and whose step computes on this mac
 (the registration's ``host_cpu``, or a PJRT backend whose probe reports the CPU client, as
 ``neuron-xla`` does with ``PJRT_DEVICE=CPU``). ``ANYCHIP_TEST_BACKENDS=cpu,jax:cpu`` names the
 backends instead; a name given there is explicit, so an unknown or unavailable one stops the
-session with the probe's reason (STYLE 5) rather than leaving the suite silently empty.
+session with the probe's reason (an explicit name fails loudly) rather than leaving the suite silently empty.
 
-A new backend proves itself by passing this suite (STYLE 18): nothing here names one.
+A new backend proves itself by passing this suite: nothing here names one.
 """
 
 from __future__ import annotations
