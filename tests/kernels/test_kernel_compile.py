@@ -16,6 +16,7 @@ from anychip.kernels.swiglu import swiglu, swiglu_op
 B, H, T, D, V = 2, 2, 8, 8, 37
 KERNEL = "triton" if TRITON_RUNS else "reference"
 OPS = ["rms_norm", "rotary", "attention", "swiglu", "linear_cross_entropy"]
+pytestmark = pytest.mark.before_torchax  # see tests/conftest.py
 
 
 def _params():

@@ -231,6 +231,7 @@ def test_defaults_context_sets_and_restores(everything_installed, chunked_head_o
     assert select("linear_cross_entropy", "cuda").name == "triton"
 
 
+@pytest.mark.before_torchax  # see tests/conftest.py
 def test_default_kernels_is_a_guard_of_compiled_graphs(monkeypatch, chunked_head_on_auto):
     """A compiled function re-selects when the default mode changes (it is read outside the
     constant-folded selection)."""
