@@ -1,7 +1,8 @@
-"""The process tests/test_checkpoint_faults.py kills: it trains and checkpoints in a loop.
+"""The processes the checkpoint tests start: the writer test_checkpoint_faults.py kills (it trains
+and checkpoints in a loop), and the racing writers of test_checkpoint_writers.py.
 
-It resumes from the newest checkpoint in ``root`` (as a restarted job would), then trains one
-update and saves, again and again. Every durability-relevant system call of the save (each
+The killed writer resumes from the newest checkpoint in ``root`` (as a restarted job would),
+then trains one update and saves, again and again. Every durability-relevant system call of the save (each
 fsync, rename, unlink, rmdir) is logged to ``log_path`` as a phase label first, optionally
 slowed down (so that a kill after a random delay lands inside a save), and optionally turned
 into ``SIGKILL`` of this very process at the n-th occurrence of a chosen label (so that every
@@ -111,3 +112,27 @@ def write_forever(root: str, log_path: str, kill_on=None, delay_s: float = 0.0, 
     except BaseException as exc:
         os.write(log_fd, f"error {type(exc).__name__}: {exc}\n".encode())
         raise
+
+
+def save_many(root: str, log_path: str, first_update: int, saves: int, go_path: str) -> None:
+    """One of several writers racing into ``root``: ``saves`` saves of its own updates (from
+    ``first_update`` on, so no two writers ever save the same update), with keep_last. Each
+    outcome is a log line: ``saved N``, ``busy MESSAGE`` or ``error TYPE: MESSAGE``."""
+    torch.set_num_threads(1)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    step = make_step()
+    state = step.state_dict()
+    os.write(log_fd, b"ready\n")
+    while not os.path.exists(go_path):  # every writer starts at once, so their saves overlap
+        time.sleep(0.001)
+    for n in range(first_update, first_update + saves):
+        # A new update number without training: what is raced here is the save, not the step.
+        step.load_state_dict({**state, "step": n})
+        try:
+            checkpoint.save(step, root, keep_last=KEEP_LAST)
+            os.write(log_fd, f"saved {n}\n".encode())
+        except checkpoint.CheckpointError as exc:
+            kind = "busy" if type(exc).__name__ == "CheckpointBusyError" else f"error {type(exc).__name__}:"
+            os.write(log_fd, f"{kind} {exc}\n".encode())
+        except Exception as exc:  # noqa: BLE001 - every other failure is what the test counts
+            os.write(log_fd, f"error {type(exc).__name__}: {exc}\n".encode())
