@@ -78,11 +78,13 @@ def test_two_writer_processes_leave_only_complete_checkpoints(tmp_path):
     errors = [line for lines in outcomes.values() for line in lines if line.startswith("error")]
     assert not errors, errors
     for pid, lines in outcomes.items():
-        assert len(lines) == SAVES
+        assert sum(line.startswith("saved") for line in lines) == SAVES, lines[-3:]
         others = [str(q) for q in outcomes if q != pid]
         for line in lines:
             if line.startswith("busy"):  # names the process that holds the directory
                 assert any(f"pid {q}" in line for q in others), line
+    refusals = sum(line.startswith("busy") for lines in outcomes.values() for line in lines)
+    assert refusals, "the writers never overlapped, so the lock was not exercised"
     assert_every_checkpoint_complete(root)
     assert len(step_dirs(root)) == cw.KEEP_LAST
     assert not [p.name for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
