@@ -61,6 +61,7 @@ def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optim
     if unknown_slots and not allow_optimizer_change:
         raise CheckpointMismatchError(f"{directory} holds optimizer slots {unknown_slots} that {ours['type']} does not use")
     slots = {s: slots[s] for s in step.spec.optimizer.slots}
+    _check_slots_complete(directory, slots, ours["type"])
     for slot, by_name in slots.items():
         have = {k: (tuple(t.shape), dtype_name(t)) for k, t in by_name.items()}
         known = [k for k in sorted(have) if k in trainable]
@@ -73,6 +74,21 @@ def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optim
         if any(d.values()):
             raise CheckpointMismatchError(mismatch_message(directory, f"optimizer slot {slot!r}", d), **d)
     return {"step": int(manifest["step"]), "model": model, "optimizer": {"slots": slots}}
+
+
+def _check_slots_complete(directory: Path, slots: dict, optimizer: str) -> None:
+    """A parameter the optimizer has state for has it in every slot (a fresh optimizer has none
+    at all): the engine would otherwise load the partial state and fail at the next update."""
+    holders = set().union(*slots.values()) if slots else set()
+    missing = [(slot, sorted(holders - set(by_name))) for slot, by_name in slots.items() if holders - set(by_name)]
+    if missing:
+        listed = [f"{slot}/{name}" for slot, names in missing for name in names]
+        parts = [f"slot {slot!r} for {', '.join(names)}" if len(names) < len(holders) else f"slot {slot!r}" for slot, names in missing]
+        raise CheckpointMismatchError(
+            f"{directory} lacks optimizer state {optimizer} keeps for every parameter it updated: missing "
+            + "; ".join(parts) + " (the checkpoint is incomplete or was edited)",
+            missing=listed,
+        )
 
 
 def _group_params(record) -> list | None:
