@@ -14,6 +14,7 @@ from anychip.checkpoint import load, save
 from anychip.distributed import init_distributed, is_main_process
 from anychip.errors import (
     BackendError,
+    CheckpointBusyError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
@@ -34,6 +35,7 @@ __all__ = [
     "AdamW",
     "Availability",
     "BackendError",
+    "CheckpointBusyError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMismatchError",

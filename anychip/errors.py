@@ -51,6 +51,10 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """A save would replace an existing checkpoint; checkpoints are never overwritten."""
 
 
+class CheckpointBusyError(CheckpointError):
+    """Another process is saving to the same checkpoint directory; the message names its pid."""
+
+
 class CheckpointCorruptError(CheckpointError):
     """A file is missing, truncated, altered, unparsable, or not safetensors/JSON."""
 

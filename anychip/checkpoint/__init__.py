@@ -23,18 +23,20 @@ on disk), :mod:`~anychip.checkpoint.layout` (names and finding checkpoints),
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from anychip import distributed
-from anychip.checkpoint import durable, rng
+from anychip.checkpoint import durable, lock, rng
 from anychip.checkpoint.fit import check_fits
 from anychip.checkpoint.format import MANIFEST, build_manifest, find_aliases, manifest_bytes, safetensors, tensor_files
 from anychip.checkpoint.integrity import read_verified
 from anychip.checkpoint.layout import checkpoints, dir_name, resolve
 from anychip.errors import (
+    CheckpointBusyError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointExistsError,
@@ -64,10 +66,13 @@ def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path
 
     ``keep_last=K`` then removes all but the K newest complete checkpoints. ``extra`` is any
     JSON-serialisable value stored in the manifest and returned by :func:`load`.
-    Raises :class:`CheckpointExistsError` rather than replace a checkpoint of the same update.
+    Raises :class:`CheckpointExistsError` rather than replace a checkpoint of the same update,
+    and :class:`CheckpointBusyError` while another process saves to ``path`` (one writer per
+    directory; threads of one process take turns).
     Under torchrun / jax.distributed every process calls it; rank 0 writes (sharded FSDP state
     is gathered whole first) and every process returns or raises with rank 0's outcome.
     """
+    _require_train_step(step, "save")
     if keep_last is not None and not (isinstance(keep_last, int) and not isinstance(keep_last, bool) and keep_last >= 1):
         raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
     try:
@@ -79,34 +84,83 @@ def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path
     final = root / dir_name(step.step_count)
     main = distributed.is_main_process()
     # Several processes: all of them call save() (an FSDP state is gathered collectively), rank 0
-    # alone writes, and every rank learns rank 0's outcome, so none goes on as if saved.
-    exists = f"{final} already exists; checkpoints are never overwritten (delete it first to save again)"
-    if distributed.main_outcome(exists if main and final.exists() else None):
-        raise CheckpointExistsError(exists)
-    state = step.state_dict()
-    if not main:
-        error = distributed.main_outcome(None)
-        if error:
-            raise CheckpointError(f"rank 0 could not write {final}: {error}")
-        return final
+    # alone locks the directory and writes, and every rank learns rank 0's outcome, so none goes
+    # on as if saved.
+    writer = _claim(root, final, main)
     try:
-        written = _write(step, state, root, final, extra)
-    except BaseException as exc:
-        distributed.main_outcome(f"{type(exc).__name__}: {exc}")
+        state = step.state_dict()
+        if not main:
+            error = distributed.main_outcome(None)
+            if error:
+                raise CheckpointError(f"rank 0 could not write {final}: {error}")
+            return final
+        try:
+            written = _write(step, state, root, final, extra, keep_last)
+        except BaseException as exc:
+            distributed.main_outcome(f"{type(exc).__name__}: {exc}")
+            raise
+        distributed.main_outcome(None)
+        if keep_last is not None:
+            durable.rotate(root, keep_last, keep=written)
+        return written
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+def _claim(root: Path, final: Path, main: bool):
+    """Rank 0: the directory's writer lock (None on the other ranks), once every rank knows that
+    rank 0 may write ``final``; else every rank raises rank 0's refusal. The existence check
+    comes after the lock, which makes it final: no other writer can create ``final`` meanwhile."""
+    writer, refusal = None, None
+    try:
+        if main:
+            try:
+                writer = lock.acquire(root)
+                if final.exists():
+                    refusal = CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten (delete it first to save again)")
+            except Exception as exc:  # noqa: BLE001 - raised below, once the other ranks learn of it
+                refusal = exc
+        outcome = distributed.main_outcome(f"{type(refusal).__name__}: {refusal}" if refusal else None)
+        if refusal is not None:
+            raise refusal
+        if outcome:
+            name, _, message = outcome.partition(": ")
+            raise _REFUSALS[name](message) if name in _REFUSALS else CheckpointError(f"rank 0 refused to save {final}: {outcome}")
+    except BaseException:
+        if writer is not None:
+            writer.release()
         raise
-    distributed.main_outcome(None)
-    if keep_last is not None:
-        durable.rotate(root, keep_last, keep=written)
-    return written
+    return writer
 
 
-def _write(step, state: dict, root: Path, final: Path, extra) -> Path:
+# What rank 0's refusal to save is raised as on the other ranks (its class travels by name).
+_REFUSALS = {cls.__name__: cls for cls in (CheckpointBusyError, CheckpointExistsError, CheckpointError)}
+
+
+def _require_train_step(step, where: str) -> None:
+    # A bare nn.Module has state_dict() too but no optimizer state: refuse it with the fix.
+    if not all(hasattr(step, a) for a in ("step_count", "spec", "engine", "state_dict", "load_state_dict")):
+        raise TypeError(
+            f"{where}() takes the ac.TrainStep (it holds the model and the optimizer state), not a "
+            f"{type(step).__name__}: pass the TrainStep you train with, e.g. ac.{where}("
+            + ("step, path" if where == "save" else "path, step") + ")"
+        )
+
+
+def _write(step, state: dict, root: Path, final: Path, extra, keep_last: int | None) -> Path:
     """Serialise ``state`` and rename it into place as ``final`` (rank 0's part of save)."""
     aliases = find_aliases(step.model.state_dict(keep_vars=True))
     blobs = tensor_files(state, aliases)
     manifest = build_manifest(step, state, aliases, blobs, rng.capture(step.backend, state.get("rng")), extra)
-    # The manifest goes last: its presence is what makes a step-* directory complete.
-    durable.commit(root, final, {**blobs, MANIFEST: manifest_bytes(manifest)}, last=MANIFEST)
+    files = {**blobs, MANIFEST: manifest_bytes(manifest)}
+    try:
+        # The manifest goes last: its presence is what makes a step-* directory complete.
+        durable.commit(root, final, files, last=MANIFEST)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CheckpointError(durable.no_space_message(root, sum(map(len, files.values())), keep_last)) from exc
     log.info("anychip: saved update %d to %s", state["step"], final)
     return final
 
@@ -121,6 +175,7 @@ def load(path, step, *, at: int | None = None, restore_rng: bool = True, allow_o
     A different optimizer *type* is always refused; different hyper-parameters or schedule
     only with ``allow_optimizer_change=True``.
     """
+    _require_train_step(step, "load")
     directory = resolve(Path(path), at)
     manifest, tensors = read_verified(directory)
     state = check_fits(directory, manifest, tensors, step, allow_optimizer_change)
@@ -145,6 +200,7 @@ def verify(path, *, at: int | None = None) -> dict:
 
 
 __all__ = [
+    "CheckpointBusyError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",

@@ -6,7 +6,8 @@ A save writes into ``root/.tmp-...``, fsyncs every file and the directory, renam
 only after the new one is durable, by renaming them to ``.trash-...`` first (again atomic), so
 an interrupted deletion never leaves a half-deleted ``step-*``. Leftover ``.tmp-*`` /
 ``.trash-*`` entries are removed by the next save. One writer per root (rank 0 in a
-distributed run), which is what makes removing leftovers safe.
+distributed run, holding :mod:`~anychip.checkpoint.lock` for the whole save) is what makes
+removing leftovers safe: a second writer's cleanup would delete the first one's ``.tmp-*``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def commit(root: Path, final: Path, files: dict[str, bytes], last: str) -> Path:
         raise
     fsync_dir(root)
     return final
+
+
+def no_space_message(root: Path, needed: int, keep_last: int | None) -> str:
+    """Why a save ran out of room, in numbers: what it needed and what is free on ``root``'s disk."""
+    try:
+        free = f"{shutil.disk_usage(root).free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    message = f"no space left on the device of {root}: this checkpoint needs {needed} bytes, {free}"
+    if keep_last is not None:
+        # The new checkpoint is complete before the oldest one is removed, never the other way.
+        message += (f"; keep_last={keep_last} needs room for {keep_last + 1} checkpoints "
+                    f"(about {(keep_last + 1) * needed} bytes) while a save runs")
+    return message + ". Free some space, lower keep_last, or save elsewhere"
 
 
 def write_durable(path: Path, data: bytes) -> None:

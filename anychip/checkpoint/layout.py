@@ -9,6 +9,7 @@ with no mutable pointer file to go stale.
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ log = logging.getLogger("anychip")
 
 TMP_PREFIX = ".tmp-"  # a save in progress (or killed): renamed to step-* once complete
 TRASH_PREFIX = ".trash-"  # a rotated-out checkpoint, renamed away before it is deleted
+LOCK_NAME = ".lock"  # held by the one process saving to the directory; never a checkpoint
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 
@@ -48,16 +50,27 @@ def checkpoints(path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def update_number(at) -> int:
+    """``at`` as an update number: an int >= 0 (a NumPy integer too), never a bool or a string."""
+    if isinstance(at, bool) or not isinstance(at, numbers.Integral):
+        raise TypeError(f"at must be an int update number (the N of step-N), got {type(at).__name__} {at!r}")
+    if at < 0:
+        raise ValueError(f"at must be an update number >= 0, got {at}")
+    return int(at)
+
+
 def resolve(path: Path, at: int | None) -> Path:
     """The one checkpoint directory that ``path`` (and ``at``) designate; raises
     :class:`CheckpointNotFoundError` naming what is there instead."""
+    if at is not None:
+        at = update_number(at)
     if at is None and ((path / MANIFEST).is_file() or step_of(path.name) is not None and path.is_dir()):
         return path  # one checkpoint's own directory (a missing manifest is reported as such)
     if not path.is_dir():
         raise CheckpointNotFoundError(f"no checkpoint directory at {path}")
     complete = checkpoints(path)
     if at is not None:
-        wanted = path / dir_name(int(at))
+        wanted = path / dir_name(at)
         if wanted in complete:
             return wanted
         have = ", ".join(str(step_of(p.name)) for p in complete) or "none"

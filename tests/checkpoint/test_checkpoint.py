@@ -60,7 +60,7 @@ def test_layout_and_manifest(tmp_path):
         step(batch("gpt-tiny", i))
     out = checkpoint.save(step, tmp_path / "run", extra={"note": "hello", "epoch": 1})
     assert out == tmp_path / "run" / "step-000000003"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step-000000003"]  # no temporary left
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "step-000000003"]  # no temporary left
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors", "optimizer.safetensors"]
 
     m = json.loads((out / "manifest.json").read_text())
@@ -128,7 +128,7 @@ def test_keep_last_keeps_the_newest_and_never_overwrites(tmp_path):
         step(batch("mlp", i))
         checkpoint.save(step, tmp_path, keep_last=2)
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-000000004", "step-000000005"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004", "step-000000005"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000000004", "step-000000005"]
     before = (tmp_path / "step-000000005" / "model.safetensors").read_bytes()
     step.load_state_dict(make("mlp").state_dict() | {"step": 5})  # different weights, same update
     with pytest.raises(CheckpointExistsError, match="never overwritten"):
@@ -149,7 +149,7 @@ def test_leftovers_are_ignored_then_cleaned(tmp_path, caplog):
     assert "step-000000009" in caplog.text
     step(batch("mlp", 1))
     checkpoint.save(step, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000001", "step-000000002", "step-000000009"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000000001", "step-000000002", "step-000000009"]
 
 
 def test_load_a_given_update_or_directory(tmp_path):
