@@ -118,7 +118,9 @@ def _claim(root: Path, final: Path, main: bool):
             try:
                 writer = lock.acquire(root)
                 if final.exists():
-                    refusal = CheckpointExistsError(f"{final} already exists; checkpoints are never overwritten (delete it first to save again)")
+                    refusal = CheckpointExistsError(
+                        f"{final} already exists; checkpoints are never overwritten (delete it first to save again)"
+                    )
             except Exception as exc:  # noqa: BLE001 - raised below, once the other ranks learn of it
                 refusal = exc
         outcome = distributed.main_outcome(f"{type(refusal).__name__}: {refusal}" if refusal else None)

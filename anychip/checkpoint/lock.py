@@ -61,7 +61,9 @@ def acquire(root: Path) -> WriterLock:
     try:
         make_dirs(root)
     except (FileExistsError, NotADirectoryError):
-        raise CheckpointError(f"cannot save to {root}: it (or a parent) is a file, not a directory; checkpoints go in a directory") from None
+        raise CheckpointError(
+            f"cannot save to {root}: it (or a parent) is a file, not a directory; checkpoints go in a directory"
+        ) from None
     key = os.path.realpath(root)
     with _registry:
         thread_lock = _thread_locks.setdefault(key, threading.Lock())
