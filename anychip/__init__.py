@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from anychip.backends import Availability, backend, backends, list_backends, reset
 from anychip.checkpoint import load, save
-from anychip.distributed import init_distributed, is_main_process
+from anychip.distributed import init_distributed, is_main_process, shutdown_distributed
 from anychip.errors import (
     BackendError,
     CheckpointBusyError,
@@ -61,4 +61,5 @@ __all__ = [
     "policy",
     "reset",
     "save",
+    "shutdown_distributed",
 ]

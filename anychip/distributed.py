@@ -13,10 +13,14 @@ friends answer from whichever is running, without importing torch or jax to do s
 Failures between processes (a peer killed, a peer stuck) surface as :class:`DistributedError`:
 every collective runs under the process group's timeout (``ANYCHIP_DIST_TIMEOUT`` seconds,
 default 300), so a surviving rank stops with that error instead of waiting forever.
+
+A torch process group anychip created is also left by anychip, at exit or by
+``shutdown_distributed()``: see there why a finished run needs it.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -27,6 +31,11 @@ from anychip.errors import DistributedError
 
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "ANYCHIP_DIST_TIMEOUT"
+
+# The torch process group init_process_group created (None: none, or it was left already);
+# a group the script created itself is never stored here, so it is never torn down by anychip.
+_created_group = None
+_teardown_registered = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +198,63 @@ def init_process_group(backend: str) -> None:
             f"rank {rank()}/{world_size()}: could not join the {backend} process group at {_master() or '?'} "
             f"within {seconds:g} s: {first_line(exc)}"
         ) from exc
+    global _created_group, _teardown_registered
+    _created_group = dist.group.WORLD
+    if not _teardown_registered:
+        atexit.register(_teardown_at_exit)
+        _teardown_registered = True
+
+
+def shutdown_distributed() -> None:
+    """Leave the torch process group anychip joined: a barrier under the distributed timeout,
+    then ``destroy_process_group()``. Runs by itself at exit; call it to leave earlier.
+
+    Without it a rank that finished can exit while gloo's threads still hold connections to a
+    peer that is exiting too, and die of SIGABRT ("terminate called without an active
+    exception") after training finished; the barrier makes every rank stop talking first.
+    A rank that never arrives fails it within ``ANYCHIP_DIST_TIMEOUT`` seconds with a
+    :class:`DistributedError` (one line), and the group is then left as it is.
+
+    A no-op when no group is up, when it was left already, and when the script created the
+    group itself (``dist.init_process_group`` before anychip's step): the script then owns the
+    group's teardown, since anychip cannot know whether other code still uses it."""
+    global _created_group
+    dist = _torch_group()
+    group, _created_group = _created_group, None
+    if dist is None or group is None or dist.group.WORLD is not group:
+        return
+    if dist.get_world_size() > 1:
+        seconds = timeout_s()
+        try:
+            _barrier_within(dist, seconds)
+        except Exception as exc:  # noqa: BLE001 - whatever the barrier raised, a peer did not arrive
+            raise peer_failure(exc, "leaving the process group") from exc
+    dist.destroy_process_group()
+
+
+def _barrier_within(dist, seconds: float) -> None:
+    timeout = datetime.timedelta(seconds=seconds)
+    if dist.get_backend() == "gloo":
+        # monitored_barrier takes its own timeout and names the rank that did not arrive.
+        dist.monitored_barrier(timeout=timeout)
+    else:
+        dist.barrier(async_op=True).wait(timeout)
+
+
+def _teardown_at_exit() -> None:
+    """``shutdown_distributed()`` when the interpreter exits. Skipped when the script died of an
+    uncaught exception: it failed already, and its peers may never reach a barrier."""
+    if getattr(sys, "last_value", None) is not None:
+        return
+    try:
+        shutdown_distributed()
+    except DistributedError as exc:
+        print(f"anychip: DistributedError: {exc}", file=sys.stderr)
+        # An exception in an exit handler leaves the exit status 0, and the group cannot be
+        # destroyed with a peer missing: end the process here, with the reason above.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def first_line(exc: BaseException) -> str:
@@ -198,8 +264,10 @@ def first_line(exc: BaseException) -> str:
 
 def peer_failure(exc: BaseException, what: str) -> DistributedError:
     """The error a surviving rank raises when a collective fails or times out."""
-    # gloo prefixes its messages with a source location and appends advice; the reason is between.
+    # gloo prefixes its messages with a source location (and a "[Rank N]: " tag that repeats
+    # the rank named below) and appends advice; the reason is between.
     reason = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    reason = re.sub(r"^\[Rank \d+\]:\s*", "", reason)
     reason = reason.split(". ")[0].rstrip(".") or type(exc).__name__
     lay = layout()
     return DistributedError(

@@ -86,3 +86,41 @@ def test_a_jax_step_under_torchrun_without_jax_distributed_is_refused(monkeypatc
         ac.DistributedError, match="torchrun started 2 processes but jax:cpu sees 1; jax backends join through jax.distributed"
     ):
         ac.TrainStep(w.build(), w.loss_fn, backend="jax:cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shutdown_without_a_group_is_a_no_op():
+    ac.shutdown_distributed()
+    ac.shutdown_distributed()
+
+
+def test_a_group_anychip_created_is_left_once(monkeypatch):
+    import torch.distributed as dist
+
+    env = {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ac.init_distributed("cpu")
+    assert dist.is_initialized()
+    ac.shutdown_distributed()
+    assert not dist.is_initialized()
+    ac.shutdown_distributed()  # idempotent: the second call (and the one at exit) finds nothing to do
+
+
+def test_a_group_the_script_created_is_left_to_the_script():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ac.init_distributed("cpu")  # joins nothing: a group is up
+        ac.shutdown_distributed()
+        assert dist.is_initialized()  # the script owns its teardown
+    finally:
+        dist.destroy_process_group()

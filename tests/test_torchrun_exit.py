@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import anychip as ac
 
 WORKER = pathlib.Path(__file__).parent / "torchrun_exit_worker.py"
@@ -31,6 +33,7 @@ def torchrun(mode: str, env_extra: dict | None = None, timeout: float = 60) -> s
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_job_that_trains_and_ends_exits_0_every_time():
     failed = []
     for _ in range(LAUNCHES):
