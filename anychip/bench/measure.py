@@ -194,10 +194,7 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     torch_on_host = reg is not None and reg.engine == "torch" and reg.host_cpu
     layout = distributed.layout().as_dict()  # with the process group up: what torch.distributed says
     if world > 1:
-        import torch.distributed as dist
-
-        distributed.barrier()
-        dist.destroy_process_group()  # a clean exit on every rank (torch warns otherwise)
+        distributed.shutdown_distributed()  # every rank leaves the group before the row is reported
     return {
         "device_kind": backend.device_kind,
         "devices": backend.device_count,
