@@ -104,12 +104,30 @@ def _assert_state(got: dict, want: dict):
             np.testing.assert_allclose(got[n][slot].numpy(), value.numpy(), rtol=RTOL, atol=atol, err_msg=f"{slot} of {n}")
 
 
+# The optimizer's own state by parameter name, the layout state_to_torch / state_from_torch use
+# (the engines store theirs through anychip.user_optimizer; these only read torch's for comparison).
+def torch_state_by_name(optimizer, params_by_id: dict) -> dict:
+    """``optimizer.state`` as ``{name: {slot: tensor}}`` (the layout of ``state_from_torch``)."""
+    return {params_by_id[id(p)]: dict(s) for p, s in optimizer.state.items() if s and id(p) in params_by_id}
+
+
+def load_torch_state(optimizer, per_param: dict, params_by_id: dict) -> None:
+    """Put ``{name: {slot: tensor}}`` into ``optimizer`` through its own ``load_state_dict``,
+    which places each slot on its parameter's device and dtype as torch's policy says."""
+    index, k = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index[params_by_id[id(p)]] = k
+            k += 1
+    sd = optimizer.state_dict()
+    sd["state"] = {index[n]: {s: v.clone() for s, v in slots.items()} for n, slots in per_param.items()}
+    optimizer.load_state_dict(sd)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_translated_step_follows_torch_with_a_scheduler_and_no_recompile(case):
     import jax
     import jax.numpy as jnp
-
-    from anychip.backends.jax.optimizers import torch_state_by_name
 
     steps, shapes = 6, case[4]
     params, opt, by_id, tr = _build(case)
@@ -173,8 +191,6 @@ def test_state_round_trips_and_resumes_either_way(name):
     import jax
     import jax.numpy as jnp
 
-    from anychip.backends.jax.optimizers import load_torch_state, torch_state_by_name
-
     case = _case(name)
     shapes = case[4]
     params, opt, by_id, tr = _build(case)
@@ -211,8 +227,6 @@ def test_state_round_trips_and_resumes_either_way(name):
 
 def test_fresh_state_maps_to_torch_before_the_first_step():
     import jax.numpy as jnp
-
-    from anychip.backends.jax.optimizers import torch_state_by_name
 
     for name in ("sgd-nesterov", "adagrad"):  # lazily created state, and Adagrad's eager one
         params, opt, by_id, tr = _build(_case(name))

@@ -341,21 +341,3 @@ def translate(optimizer, param_names, params_by_id: dict) -> Translated:
         slots = rule.slots(static)
         groups.append(_Group(tuple(names), static, slots, {s: rule.init(s, optimizer.defaults) for s in slots}))
     return Translated(name, rule, groups, list(param_names))
-
-
-def torch_state_by_name(optimizer, params_by_id: dict) -> dict:
-    """``optimizer.state`` as ``{name: {slot: tensor}}`` (the layout of ``state_from_torch``)."""
-    return {params_by_id[id(p)]: dict(s) for p, s in optimizer.state.items() if s and id(p) in params_by_id}
-
-
-def load_torch_state(optimizer, per_param: dict, params_by_id: dict) -> None:
-    """Put ``{name: {slot: tensor}}`` into ``optimizer`` through its own ``load_state_dict``,
-    which places each slot on its parameter's device and dtype as torch's policy says."""
-    index, k = {}, 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            index[params_by_id[id(p)]] = k
-            k += 1
-    sd = optimizer.state_dict()
-    sd["state"] = {index[n]: {s: v.clone() for s, v in slots.items()} for n, slots in per_param.items()}
-    optimizer.load_state_dict(sd)
