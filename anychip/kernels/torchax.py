@@ -108,14 +108,17 @@ class CumulativeAverage(float):
         return self
 
 
+def batch_norms(model) -> list:
+    """The BatchNorm layers of ``model`` that keep running statistics (found once per step
+    builder: :func:`cumulative_batch_norm` runs around every step)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @contextlib.contextmanager
-def cumulative_batch_norm(model):
-    """Every BatchNorm of ``model`` with ``momentum=None`` carries a :class:`CumulativeAverage`
-    for the duration (the trace of a step); ``None`` again afterwards."""
-    swapped = [
-        m for m in model.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats
-    ]
+def cumulative_batch_norm(layers: list):
+    """Every layer of ``layers`` (from :func:`batch_norms`) with ``momentum=None`` carries a
+    :class:`CumulativeAverage` for the duration (the trace of a step); ``None`` again afterwards."""
+    swapped = [m for m in layers if m.momentum is None]
     for m in swapped:
         m.momentum = CumulativeAverage(m)
     try:

@@ -22,7 +22,7 @@ from anychip.batch import call_loss, check_loss
 from anychip.engine import PendingCheck, StepOutput
 from anychip.errors import DistributedError
 from anychip.kernels.scope import kernel_scope
-from anychip.kernels.torchax import cumulative_batch_norm, environment as torchax_environment
+from anychip.kernels.torchax import batch_norms, cumulative_batch_norm, environment as torchax_environment
 
 log = logging.getLogger("anychip")
 
@@ -62,6 +62,7 @@ class JaxEngine:
         if spec.policy.param_dtype != "fp32":
             model = model.to(spec.policy.torch_dtype("param"))  # as TorchEngine: stored in bf16
         self._template = model  # the torch module engine.model returns, refreshed lazily
+        self._batch_norms = batch_norms(model)
         self._trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.param_names = list(self._trainable)
         # Frozen parameters travel with the buffers: inputs of the step, never updated.
@@ -235,7 +236,7 @@ class JaxEngine:
         import jax
 
         with jax.default_matmul_precision(matmul_precision()), kernel_scope(self.backend.name, self.spec.kernels):
-            with cumulative_batch_norm(self._template):  # momentum=None: the factor as traced data
+            with cumulative_batch_norm(self._batch_norms):  # momentum=None: the factor as traced data
                 yield
 
     def _hyper(self):
