@@ -13,6 +13,7 @@ from anychip.backends import Availability, backend, backends, list_backends, res
 from anychip.checkpoint import load, save
 from anychip.distributed import init_distributed, is_main_process, shutdown_distributed
 from anychip.errors import (
+    AnychipError,
     BackendError,
     CheckpointBusyError,
     CheckpointCorruptError,
@@ -20,6 +21,7 @@ from anychip.errors import (
     CheckpointMismatchError,
     CheckpointVersionError,
     DistributedError,
+    InvalidArgumentError,
     LossFunctionError,
     NonFiniteLossError,
     UnknownBackendError,
@@ -33,6 +35,7 @@ from anychip.version import __version__
 
 __all__ = [
     "AdamW",
+    "AnychipError",
     "Availability",
     "BackendError",
     "CheckpointBusyError",
@@ -42,6 +45,7 @@ __all__ = [
     "CheckpointVersionError",
     "Constant",
     "DistributedError",
+    "InvalidArgumentError",
     "LossFunctionError",
     "NonFiniteLossError",
     "SGD",

@@ -7,7 +7,18 @@ one type per failure without importing each other.
 from __future__ import annotations
 
 
-class BackendError(RuntimeError):
+class AnychipError(Exception):
+    """Base class of every exception anychip raises on purpose: the CLI reports any of them as
+    one line and exit status 2 (a traceback only with ``--debug``)."""
+
+
+class InvalidArgumentError(AnychipError, ValueError, TypeError):
+    """A public argument of the wrong type or out of range, refused before any work starts.
+
+    A ValueError and a TypeError both, so code that catches either keeps working."""
+
+
+class BackendError(AnychipError, RuntimeError):
     """A backend was asked for by name and cannot be used; the message says why and how to fix it."""
 
 
@@ -15,31 +26,31 @@ class UnknownBackendError(BackendError, ValueError):
     """A backend name that no registration knows."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(AnychipError, FloatingPointError):
     """The loss or the gradient norm was NaN/inf; the parameters were left as they were."""
 
 
-class LossFunctionError(RuntimeError):
+class LossFunctionError(AnychipError, RuntimeError):
     """``loss_fn`` raised, or returned something that is not a scalar floating-point tensor."""
 
 
-class UnsupportedOpError(NotImplementedError):
+class UnsupportedOpError(AnychipError, NotImplementedError):
     """The model calls a torch op that the backend cannot lower (torchax has no JAX lowering)."""
 
 
-class UnsupportedOptimizerError(ValueError):
+class UnsupportedOptimizerError(AnychipError, ValueError):
     """A ``torch.optim`` optimizer, or one of its options, that a backend cannot reproduce."""
 
 
-class DistributedError(RuntimeError):
+class DistributedError(AnychipError, RuntimeError):
     """Something between processes failed: a launch that is missing, a peer that died or hung."""
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(AnychipError, RuntimeError):
     """An explicitly requested kernel implementation cannot run on the requested backend."""
 
 
-class CheckpointError(Exception):
+class CheckpointError(AnychipError):
     """Base class of every checkpoint problem."""
 
 
