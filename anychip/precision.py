@@ -6,12 +6,21 @@
   op policy applied to the traced ops on JAX, see ``AUTOCAST_OPS``).
 - ``bf16-pure``: parameters, gradients and optimizer state all in bfloat16 (half the memory,
   no master copy; what most TPU/Trainium recipes call "pure bf16").
+
+Lightning Fabric's spellings are accepted as aliases with the same meaning (``ALIASES``):
+``bf16-mixed`` is ``bf16``, ``bf16-true`` is ``bf16-pure``, ``32`` and ``32-true`` are ``fp32``.
+The policy's ``name`` is always the canonical one, so results and checkpoints record one name
+per policy. float16 (``fp16``, ``16``, ``16-mixed``, ``16-true``) is refused (``REFUSED``): its
+narrow range needs a loss scaler, which anychip does not have; bfloat16 has float32's range and
+trains without one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+
+from anychip.errors import InvalidArgumentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +47,50 @@ POLICIES = {
 }
 
 
+# Lightning Fabric's names for the same policies (its "bf16-mixed" is torch autocast with float32
+# weights, its "-true" variants keep everything in one dtype).
+ALIASES = {"bf16-mixed": "bf16", "bf16-true": "bf16-pure", "32": "fp32", "32-true": "fp32"}
+_NO_SCALER = (
+    "is float16, whose narrow range needs a loss scaler and anychip has none; "
+    "use 'bf16' (autocast, float32 master weights) or 'bf16-pure': bfloat16 has float32's range and needs no scaling"
+)
+REFUSED = dict.fromkeys(("fp16", "16", "16-mixed", "16-true"), _NO_SCALER)
+
+
 def policy(name: str | Policy) -> Policy:
-    """The policy called ``name``; a clear error listing the valid names otherwise."""
+    """The policy called ``name`` (a canonical name or an alias in ``ALIASES``); a one-line
+    InvalidArgumentError saying why and listing the valid names otherwise."""
     if isinstance(name, Policy):
         return name
-    if name in POLICIES:
-        return POLICIES[name]
-    close = difflib.get_close_matches(str(name), POLICIES, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown precision {name!r}.{hint} Choose one of: {', '.join(POLICIES)}.")
+    text = str(name)
+    if text in POLICIES:
+        return POLICIES[text]
+    if text in ALIASES:
+        return POLICIES[ALIASES[text]]
+    if text in REFUSED or ("16" in text and "bf" not in text.lower()):  # fp16-mixed, float16, ...
+        raise InvalidArgumentError(f"precision {text!r} {REFUSED.get(text, _NO_SCALER)}")
+    close = _suggestion(text)
+    hint = f" Did you mean {close!r}?" if close else ""
+    raise InvalidArgumentError(
+        f"unknown precision {name!r}.{hint} Choose one of: {', '.join(POLICIES)} (or {', '.join(ALIASES)})."
+    )
+
+
+def _suggestion(text: str) -> str | None:
+    """The closest valid name that means what ``text`` seems to mean: a name saying "mixed" is
+    never answered with a single-dtype policy, "true"/"pure" never with a mixed one, and a
+    dtype in the name (bf16 or 32) is kept."""
+    lowered = text.lower()
+    mode = "mixed" if "mix" in lowered else "pure" if ("true" in lowered or "pure" in lowered) else None
+    dtype = "bf16" if "bf" in lowered else "fp32" if "32" in lowered else None
+
+    def fits(candidate: str) -> bool:
+        pol = POLICIES[ALIASES.get(candidate, candidate)]
+        return (mode is None or mode == ("mixed" if pol.autocast else "pure")) and (dtype is None or dtype == pol.compute_dtype)
+
+    candidates = [c for c in (*POLICIES, *ALIASES) if fits(c)]
+    close = difflib.get_close_matches(lowered, candidates, n=1)
+    return close[0] if close else None
 
 
 # -- torch autocast's op policy, as data --------------------------------------------------------

@@ -60,6 +60,24 @@ class CheckpointInfo:
     extra: Any
     manifest: dict
 
+    def __repr__(self) -> str:
+        # What a user looks for when printing it; the whole manifest stays in .manifest.
+        files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
+        sizes = [f.get("bytes") for f in files.values() if isinstance(f, dict)] if isinstance(files, dict) else []
+        total = sum(n for n in sizes if isinstance(n, int) and not isinstance(n, bool))
+        size = f", size={_human_bytes(total)!r}" if sizes else ""
+        return (
+            f"CheckpointInfo(step={self.step}, path={str(self.path)!r}, backend={self.backend!r}, "
+            f"precision={self.precision!r}{size})"
+        )
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
 
 def save(step, path, *, keep_last: int | None = None, extra: Any = None) -> Path:
     """Write ``step``'s training state to ``path/step-NNNNNNNNN/`` atomically; return that directory.

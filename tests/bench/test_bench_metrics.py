@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from anychip.backends.facts import peaks
-from anychip.bench import metrics, prices
+from anychip.bench import metrics
 
 
 def test_percentile_matches_numpy_linear_interpolation():
@@ -44,43 +44,6 @@ def test_trainium_per_core_peaks_add_up_to_the_chip():
     assert 8 * peaks.peak_flops("trn2 NeuronCore (LNC=1)") == pytest.approx(peaks.peak_flops("trn2"))
     assert 4 * peaks.peak_flops("Trainium3 NeuronCore") == pytest.approx(peaks.peak_flops("trn3"))
     assert peaks.peak_flops("AMD EPYC") is None
-
-
-def test_cost_by_hand_on_the_dated_table():
-    # p5.48xlarge USD 55.04/h for 8 GPUs -> 6.88 per GPU-hour. 400k tokens/s = 1.44e9 tokens/h
-    # -> 6.88 / 1440 USD per million tokens.
-    q = prices.quote("cuda", "NVIDIA H100 80GB HBM3")
-    assert q.usd_per_device_hour == pytest.approx(6.88)
-    assert "p5.48xlarge" in q.source and prices.PRICES_AS_OF in q.source
-    assert metrics.usd_per_million_tokens(q.usd_per_device_hour, 400_000) == pytest.approx(6.88 / 1440)
-    # trn2.48xlarge: 16 chips, 64 logical NeuronCores
-    assert prices.quote("neuron", "Trainium2").usd_per_device_hour == pytest.approx(44.70 / 16)
-    assert prices.quote("neuron", "trn2 NeuronCore").usd_per_device_hour == pytest.approx(44.70 / 64)
-    assert prices.quote("neuron-xla", "trn1 NeuronCore").usd_per_device_hour == pytest.approx(21.50 / 32)
-    assert prices.quote("jax:tpu", "TPU v5 lite").usd_per_device_hour == 1.20
-    assert prices.quote("jax:tpu", "TPU v5p").usd_per_device_hour == 4.20
-    assert prices.quote("jax:tpu", "TPU v6e").usd_per_device_hour == 2.70
-    assert prices.quote("cpu", "AMD EPYC") is None
-
-
-def test_price_overrides_backend_then_device_kind_case_insensitive():
-    kind = "NVIDIA H100 80GB HBM3"
-    assert prices.quote("cuda", kind, {"CUDA": 11.03}).usd_per_device_hour == 11.03
-    assert prices.quote("cuda", kind, {kind.lower(): 2.0}).usd_per_device_hour == 2.0
-    assert prices.quote("cuda", kind, {"cuda": 1.0, kind: 2.0}).usd_per_device_hour == 1.0
-    q = prices.quote("cpu", "AMD EPYC", {"cpu": 0.10})
-    assert (q.usd_per_device_hour, q.source) == (0.10, "--price cpu=0.1")
-
-
-@pytest.mark.parametrize("text", ["cuda", "=3", "cuda=", "cuda=abc", "cuda=-1", "cuda=inf", "cuda=nan"])
-def test_malformed_price_is_refused(text):
-    with pytest.raises(ValueError, match="--price"):
-        prices.parse_price(text)
-
-
-def test_parse_price():
-    assert prices.parse_price("jax:tpu=1.2") == ("jax:tpu", 1.2)
-    assert prices.parse_price("TPU v5 lite=0") == ("TPU v5 lite", 0.0)
 
 
 def _measured(**over):
