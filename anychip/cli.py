@@ -1,6 +1,7 @@
 """The ``anychip`` command: ``devices``, ``train`` (and the commands other modules add).
 
-Bad input exits with status 2 and one line on stderr, before any work starts.
+Bad input exits with status 2 and one line on stderr, before any work starts; a bug exits with
+status 1 and one line naming it (``--debug`` or ``$ANYCHIP_DEBUG=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -11,8 +12,21 @@ import sys
 import time
 
 from anychip.bench.args import register as register_bench
-from anychip.cliargs import Parser, UsageError, positive_float, positive_int, run_command
+from anychip.cliargs import (
+    Parser,
+    UsageError,
+    add_debug_flag,
+    check_batch_shape,
+    finite_positive_float,
+    one_line,
+    out_of_memory,
+    positive_float,
+    positive_int,
+    random_seed,
+    run_command,
+)
 from anychip.parity import register as register_parity
+from anychip.version import __version__
 
 __all__ = ["Parser", "UsageError", "build_parser", "main", "positive_float", "positive_int"]
 
@@ -34,9 +48,13 @@ def launch_layout() -> tuple[str, dict]:
 
 
 def cmd_devices(args) -> int:
-    from anychip.backends import list_backends
+    from anychip.backends import environment_problem, list_backends
 
     found = list_backends()  # built-in and plug-in backends ($ANYCHIP_PLUGINS loads on this first look-up)
+    # Every backend is still listed; the variable that `train` would refuse is pointed out.
+    problem = environment_problem(found)
+    if problem:
+        print(f"anychip devices: warning: {problem}", file=sys.stderr)
     line, layout = launch_layout()
     if args.json:
         print(json.dumps({"layout": layout, "backends": [a.as_dict() for a in found]}, indent=2))
@@ -62,14 +80,28 @@ def cmd_devices(args) -> int:
 
 def cmd_train(args) -> int:
     from anychip import workloads
-    from anychip.backends import backend
-    from anychip.optim import AdamW, WarmupCosine
+    from anychip.backends import backend, load_plugins, registration
     from anychip.precision import policy
+
+    # Everything the user typed (and the environment) is checked before anything is built.
+    load_plugins()
+    precision = policy(args.precision).name
+    workload = workloads.get(args.workload)
+    be = backend(args.backend)
+    batch, seq = check_batch_shape(workload, args.batch, args.seq, host_cpu=registration(be.name).host_cpu)
+    try:
+        return _train(args, workload, be, precision, batch, seq)
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise UsageError(f"--batch {batch} x --seq {seq}: batch too large, out of memory ({one_line(exc)[:200]}); "
+                         "use a smaller --batch or --seq") from exc
+
+
+def _train(args, workload, be, precision: str, batch_size: int, seq: int) -> int:
+    from anychip.optim import AdamW, WarmupCosine
     from anychip.step import TrainStep
 
-    workload = workloads.get(args.workload)
-    precision = policy(args.precision).name
-    be = backend(args.backend)
     model = workload.build(seed=args.seed)
     schedule = WarmupCosine(warmup=max(1, args.steps // 10), total=args.steps)
     step = TrainStep(
@@ -81,7 +113,6 @@ def cmd_train(args) -> int:
         max_grad_norm=1.0,
         compile=args.compile,
     )
-    batch_size, seq = args.batch or workload.default_batch, args.seq or workload.default_seq
     data = workload.batches(batch_size, seq, seed=args.seed)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -116,25 +147,29 @@ def cmd_train(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="anychip", description="One PyTorch training step on any accelerator.")
+    parser.add_argument("--version", action="version", version=f"anychip {__version__}")
+    add_debug_flag(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{devices,train,bench,parity}", parser_class=Parser)
 
     p = sub.add_parser("devices", help="list every backend: available or not, why, and how to fix it; and this process's launch layout")
     p.add_argument("--json", action="store_true", help='machine-readable output: {"layout": {...}, "backends": [...]}')
+    add_debug_flag(p)
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("train", help="train a built-in workload and show the loss")
     p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory")
     p.add_argument("--backend", default=None, help="backend name (default: $ANYCHIP_BACKEND, else auto-detect)")
     p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--batch", type=positive_int, default=None)
-    p.add_argument("--seq", type=positive_int, default=None)
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: the workload's)")
+    p.add_argument("--seq", type=positive_int, default=None, help="sequence length, at most the model's context (default: the workload's)")
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or bf16-pure")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=finite_positive_float, default=1e-3)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the step (default: the backend's choice)"
     )
+    add_debug_flag(p)
     p.set_defaults(func=cmd_train)
 
     register_bench(sub)  # sub-commands defined next to the code they drive
@@ -144,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(args, args.command)
+    command = " ".join(c for c in (args.command, getattr(args, "bench_command", None)) if c)
+    return run_command(args, command)
 
 
 if __name__ == "__main__":

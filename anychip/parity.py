@@ -24,8 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from anychip.backends import load_plugins, resolve  # stdlib-only: the parity CLI stays light
-from anychip.cliargs import Parser, positive_float, positive_int, run_command
+from anychip.backends import load_plugins, registration, resolve  # stdlib-only: the parity CLI stays light
+from anychip.cliargs import (
+    Parser,
+    add_debug_flag,
+    check_batch_shape,
+    finite_positive_float,
+    positive_int,
+    random_seed,
+    run_command,
+)
 from anychip.errors import BackendError
 
 # -- one backend (the worker) --------------------------------------------------------------------
@@ -149,13 +157,14 @@ def cmd_parity(args) -> int:
     # Everything the user typed is checked before the first worker starts.
     load_plugins()
     names = _backend_names(args.backends)
-    try:
-        w = workloads.get(args.workload)
-    except TypeError as exc:
-        raise ValueError(str(exc)) from None
+    w = workloads.get(args.workload)
     precision = policy(args.precision).name
+    # The workers run one after the other; one on the host CPU keeps its activations in host memory.
+    check_batch_shape(w, args.batch, args.seq, host_cpu=any(registration(n).host_cpu for n in names))
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise ValueError(f"--json {args.json}: directory {Path(args.json).absolute().parent} does not exist")
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json}: is a directory; name a file")
 
     losses, workers = {}, {}
     with tempfile.TemporaryDirectory(prefix="anychip-parity-") as tmp:
@@ -212,12 +221,13 @@ def register(subparsers) -> None:
     p.add_argument("--backends", default="cpu,jax:cpu", help="comma-separated; the first is the reference (default: cpu,jax:cpu)")
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or bf16-pure")
-    p.add_argument("--rtol", type=positive_float, default=1e-5, help="largest relative loss difference per step")
+    p.add_argument("--rtol", type=finite_positive_float, default=1e-5, help="largest relative loss difference per step")
     p.add_argument("--batch", type=positive_int, default=None)
     p.add_argument("--seq", type=positive_int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seed", type=random_seed, default=0)
+    p.add_argument("--lr", type=finite_positive_float, default=1e-3)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the comparison as JSON")
+    add_debug_flag(p)
     p.set_defaults(func=cmd_parity)
 
 

@@ -122,6 +122,14 @@ def test_train_shows_falling_loss(capsys):
     assert last < first
 
 
+def test_train_mlp_in_pure_bf16(capsys):
+    """bf16-pure keeps the MLP's parameters and AdamW state in bfloat16; it must still learn."""
+    assert main(["train", "--workload", "mlp", "--backend", "cpu", "--precision", "bf16-pure", "--steps", "30", "--lr", "3e-3"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    first, last = (float(v) for v in summary.split("loss ")[1].split(" in ")[0].split(" -> "))
+    assert summary.startswith("mlp on cpu:") and last < first
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -46,15 +46,44 @@ def reset() -> None:
 on_change(reset)
 
 
+def _known_names() -> list[str]:
+    return sorted(r.name for r in registrations()) + sorted(ALIASES)
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, _known_names(), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def registration(name: str) -> Registration:
     """The registration called ``name``; an unknown name is an UnknownBackendError with a hint."""
     reg = find(name)
     if reg is not None:
         return reg
-    names = sorted(r.name for r in registrations()) + sorted(ALIASES)
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise UnknownBackendError(f"unknown backend {name!r}.{hint} Known backends: {', '.join(names)}.")
+    raise UnknownBackendError(f"unknown backend {name!r}.{_did_you_mean(name)} Known backends: {', '.join(_known_names())}.")
+
+
+def environment_problem(found: list[Availability] | None = None) -> str | None:
+    """What is wrong with ``$ANYCHIP_BACKEND``, in one line, or None when it is unset or names an
+    available backend (``found``: probes already made, to reuse). ``anychip devices`` warns with it;
+    :func:`backend` refuses the same value."""
+    raw = os.environ.get(ENV_VAR, "")
+    name = raw.strip().lower()
+    if not name:
+        return None
+    probes = {a.name: a for a in (found or ())}
+    probe = lambda n: probes.get(n) or registration(n).probe()  # noqa: E731
+    if name in ALIASES:
+        if any(probe(n).available for n in ALIASES[name]):
+            return None
+        return f"${ENV_VAR}={raw!r}: no backend behind {name!r} ({', '.join(ALIASES[name])}) is available here"
+    if find(name) is None:
+        return (f"${ENV_VAR}={raw!r} names no backend.{_did_you_mean(name)} Valid names: {', '.join(_known_names())}; "
+                "set one of them, or unset it to auto-detect")
+    avail = probe(name)
+    if not avail.available:
+        return f"${ENV_VAR}={raw!r} names backend {name!r}, which is unavailable here: {avail.reason}"
+    return None
 
 
 def unavailable_error(avail: Availability, origin: str = "") -> BackendError:
@@ -107,13 +136,15 @@ def backend(name: str | None = None):
         raise TypeError(f"backend name must be a string such as 'cpu' or 'jax:tpu', got {type(name).__name__}")
     origin = "backend()"
     if name is None:
-        name = os.environ.get(ENV_VAR) or None
+        name = os.environ.get(ENV_VAR, "").strip() or None
         origin = f"${ENV_VAR}"
     if name is None:
         return _auto()
     name = name.strip().lower()
     if name in ALIASES:
         return _first_available(name, ALIASES[name], origin)
+    if origin == f"${ENV_VAR}" and find(name) is None:  # name the variable: the user may not know it is set
+        raise UnknownBackendError(environment_problem())
     reg = registration(name)
     if name not in _cache:
         avail = reg.probe()
@@ -158,6 +189,7 @@ __all__ = [
     "UnknownBackendError",
     "backend",
     "backends",
+    "environment_problem",
     "list_backends",
     "load_plugins",
     "register",

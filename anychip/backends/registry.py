@@ -1,7 +1,7 @@
 """Backends as data: what a probe found (:class:`Availability`), every fact about a backend
 (:class:`Registration`), the built-in table, and plug-ins.
 
-Stdlib only. A backend is one module providing ``probe(name) -> Availability`` and
+Stdlib only (and the errors leaf). A backend is one module providing ``probe(name) -> Availability`` and
 ``create(availability) -> Backend``, plus one row here (or one ``register()`` call from a
 plug-in named in ``$ANYCHIP_PLUGINS``). Everything else in anychip reads the facts it needs
 (device type, kernel family, engine family, launcher, host CPU, peak FLOP/s) from the row, so
@@ -17,6 +17,8 @@ import os
 import sys
 from types import MappingProxyType
 from typing import Mapping
+
+from anychip.errors import InvalidArgumentError
 
 PLUGINS_ENV = "ANYCHIP_PLUGINS"
 LAUNCHERS = ("torchrun", "jax.distributed")
@@ -193,7 +195,7 @@ def load_plugins() -> list[str]:
     """Import the plug-ins named in ``$ANYCHIP_PLUGINS`` (comma-separated module paths or
     ``.py`` files), once each; they register backends or workloads. Returns the ``sys.path``
     roots they came from, so a worker process can import them too. A plug-in that cannot be
-    imported is a ValueError naming it."""
+    imported, or raises while it is, is an InvalidArgumentError (a ValueError) naming it."""
     for entry in (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",")):
         # Imported once; again only when its module was dropped from sys.modules since.
         if not entry or (entry in _plugins and _plugins[entry][1] in sys.modules):
@@ -203,10 +205,13 @@ def load_plugins() -> list[str]:
             module = _import_plugin(entry)
         except ImportError as exc:
             del _plugins[entry]
-            raise ValueError(f"cannot import plug-in {entry!r} named in ${PLUGINS_ENV}: {exc}") from exc
-        except Exception as exc:
+            raise InvalidArgumentError(f"cannot import plug-in {entry!r} named in ${PLUGINS_ENV}: {exc}") from exc
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plug-in's own failure (sys.exit included) is reported, naming it
             del _plugins[entry]
-            raise ValueError(f"plug-in {entry!r} named in ${PLUGINS_ENV} failed on import: {type(exc).__name__}: {exc}") from exc
+            raise InvalidArgumentError(
+                f"plug-in {entry!r} named in ${PLUGINS_ENV} failed on import: {type(exc).__name__}: {exc}; "
+                f"fix it or remove it from ${PLUGINS_ENV}"
+            ) from exc
         path, root = getattr(module, "__file__", None), ""
         if path:
             root = os.path.dirname(os.path.abspath(path))

@@ -7,7 +7,7 @@ import argparse
 import math
 
 from anychip.bench.cli import cmd_bench
-from anychip.cliargs import finite_positive_float, nonnegative_float, positive_int
+from anychip.cliargs import add_debug_flag, check_batch_shape, finite_positive_float, nonnegative_float, positive_int, random_seed
 
 
 def _price(text: str) -> tuple[str, float]:
@@ -80,7 +80,7 @@ def register(subparsers) -> None:
         default="auto",
         help="custom kernels where available, or the plain-PyTorch reference ops",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument(
         "--timeout",
         type=finite_positive_float,
@@ -134,6 +134,7 @@ def register(subparsers) -> None:
         help="how the --nproc N > 1 rows split the model: ddp (replicated, default) or fsdp (sharded)",
     )
     p.add_argument("--print-schema", action="store_true", help="print the JSON schema of --json and exit")
+    add_debug_flag(p)
     sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
     # add_subparsers builds with the parent's class: anychip.cliargs.Parser, whose errors are one line.
     c = sub.add_parser("compare", help="compare two --json results: B / A per backend")
@@ -146,4 +147,17 @@ def register(subparsers) -> None:
         metavar="FRACTION",
         help="exit 1 when a ratio is worse than this (default 0.05)",
     )
-    p.set_defaults(func=cmd_bench)
+    add_debug_flag(c)
+    p.set_defaults(func=_checked_bench)
+
+
+def _checked_bench(args) -> int:
+    """``cmd_bench``, once the batch is known to fit the workload: a --seq beyond the model's
+    context or a batch larger than the host's memory is one line before anything runs, not a failed row per backend."""
+    if args.bench_command is None and not args.print_schema:
+        from anychip import workloads
+        from anychip.backends import load_plugins
+
+        load_plugins()
+        check_batch_shape(workloads.get(args.workload), args.batch, args.seq)
+    return cmd_bench(args)

@@ -9,6 +9,8 @@ from torch import nn
 from anychip.workloads.data import generator, seeded
 
 IN, HIDDEN, CLASSES = 32, 128, 10
+SAMPLE_BYTES = 4 * IN + 8  # float32 features and an int64 label
+ACTIVATION_BYTES = 4 * (4 * HIDDEN + CLASSES)  # two hidden layers, each before and after its GELU, and the logits
 
 
 def build(seed: int = 0) -> nn.Module:
