@@ -47,6 +47,38 @@ def launch_layout() -> tuple[str, dict]:
     return lay.describe(), lay.as_dict()
 
 
+def devices_table(found):
+    """The backends as a table of short cells that never wrap: name, available, device count
+    and kind (the kind alone may fold, at word boundaries)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="anychip backends (auto-detect order)", title_justify="left")
+    for col in ("backend", "available", "devices"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("device kind", overflow="fold")
+    for a in found:
+        available = Text("yes", style="green") if a.available else Text("no", style="red")
+        table.add_row(Text(a.name), available, Text(str(a.devices or "")), Text(a.device_kind or ""))
+    return table
+
+
+def devices_notes(found) -> list[str]:
+    """One line per backend (why it is or is not available, and the install command), then the
+    library versions, each distinct set once."""
+    lines = []
+    for a in found:
+        fix = f" - install: {a.install}" if a.install and not a.available else ""
+        lines.append(f"{a.name}: {a.reason}{fix}")
+    seen = []
+    for a in found:
+        versions = ", ".join(f"{k} {v}" for k, v in a.versions.items())
+        if versions and versions not in seen:
+            seen.append(versions)
+    lines += [f"versions: {v}" for v in seen]
+    return lines
+
+
 def cmd_devices(args) -> int:
     from anychip.backends import environment_problem, list_backends
 
@@ -60,17 +92,14 @@ def cmd_devices(args) -> int:
         print(json.dumps({"layout": layout, "backends": [a.as_dict() for a in found]}, indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="anychip backends (auto-detect order)")
-    for col in ("backend", "available", "devices", "device kind", "versions", "why / how to fix"):
-        table.add_column(col, overflow="fold")
-    for a in found:
-        why = a.reason + (f" - install: {a.install}" if a.install and not a.available else "")
-        versions = " ".join(f"{k} {v}" for k, v in a.versions.items())
-        table.add_row(a.name, "[green]yes[/]" if a.available else "[red]no[/]", str(a.devices or ""), a.device_kind, versions, why)
     console = Console()
-    console.print(table)
+    console.print(devices_table(found))
+    # Reasons and install commands are prose with URLs: printed whole, as plain text (no rich
+    # markup, so "jax[cuda12]" stays itself), and wrapped by the terminal rather than folded
+    # into a narrow column.
+    for text in devices_notes(found):
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
     console.print(f"launch: {line}", highlight=False, markup=False, soft_wrap=True)
     return 0
 

@@ -146,3 +146,48 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+WIDE_FACTS = (
+    ("jax:gpu", False, "no CUDA plugin for jax installed", 0, "", {"jax": "0.10.2", "torchax": "0.0.14.dev20261026"},
+     "pip install 'jax[cuda12]'"),
+    ("jax:cpu", False, "jax is not installed", 0, "", {}, "pip install 'anychip[jax]'"),
+    ("cuda", True, "8 GPUs", 8, "NVIDIA H200 141GB HBM3e", {"torch": "2.13.0+cu128", "cuda": "12.8"}, ""),
+    ("neuron-xla", False, "torch-xla is not installed", 0, "", {"torch": "2.13.0+cpu"},
+     "pip install torch-neuronx==2.9.* --extra-index-url https://pip.repos.neuron.amazonaws.com"),
+)
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_devices_output_keeps_every_name_figure_and_install_command_whole(width):
+    """Rendered at a narrow terminal width, no backend name, count, version or install command is
+    split across lines, and brackets in install commands are text, not rich markup."""
+    import io
+
+    from rich.console import Console
+
+    from anychip.backends import Availability
+    from anychip.cli import devices_notes, devices_table
+
+    found = [Availability(n, ok, why, devices=d, device_kind=kind, versions=v, install=fix) for n, ok, why, d, kind, v, fix in WIDE_FACTS]
+    out = io.StringIO()
+    console = Console(file=out, width=width, color_system=None)
+    console.print(devices_table(found))
+    for text in devices_notes(found):
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+    lines = out.getvalue().splitlines()
+
+    def on_one_line(needle):
+        return any(needle in line for line in lines)
+
+    for name, ok, _why, devices, _kind, versions, fix in WIDE_FACTS:
+        assert on_one_line(f"{name} "), name
+        if devices:
+            assert on_one_line(f" {devices} "), (name, devices)
+        for package, version in versions.items():
+            assert on_one_line(f"{package} {version}"), (package, version)
+        if fix and not ok:
+            assert on_one_line(fix), fix
+    assert on_one_line("'jax[cuda12]'") and on_one_line("'anychip[jax]'")
+    table_lines = [line for line in lines if line.startswith(("┃", "│", "┏", "┡", "└"))]
+    assert all(len(line) <= width for line in table_lines)
