@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anychip.errors import LossFunctionError, NonFiniteLossError
+from anychip.errors import InvalidArgumentError, LossFunctionError, NonFiniteLossError
 
 
 def map_tensors(fn, tree):
@@ -22,7 +22,7 @@ def map_tensors(fn, tree):
     return tree
 
 def batch_leaves(batch, path: str = "batch") -> list[tuple[str, Any]]:
-    """Every leaf of a batch with its path; raises TypeError on anything but tensors/containers."""
+    """Every leaf of a batch with its path; InvalidArgumentError on anything but tensors/containers."""
     import torch
 
     if isinstance(batch, torch.Tensor):
@@ -32,29 +32,34 @@ def batch_leaves(batch, path: str = "batch") -> list[tuple[str, Any]]:
     if isinstance(batch, (tuple, list)):
         return [leaf for i, v in enumerate(batch) for leaf in batch_leaves(v, f"{path}[{i}]")]
     hint = " (convert it with torch.from_numpy)" if type(batch).__module__ == "numpy" else ""
-    raise TypeError(
+    raise InvalidArgumentError(
         f"{path} is a {type(batch).__module__}.{type(batch).__name__}; a batch must be a tensor or a "
         f"tuple/list/dict of tensors{hint}"
     )
 
 
 def check_batch(batch, accumulate: int, processes: int = 1) -> list[tuple[str, Any]]:
-    """The batch's leaves, once every leaf splits into ``processes`` x ``accumulate`` equal parts
-    (``processes`` > 1: a global batch that each rank takes its slice of)."""
+    """The batch's leaves, once every leaf holds samples and splits into ``processes`` x
+    ``accumulate`` equal parts (``processes`` > 1: a global batch each rank takes its slice of)."""
     leaves = batch_leaves(batch)
     if not leaves:
-        raise TypeError("the batch holds no tensor; pass a tensor or a tuple/list/dict of tensors")
+        raise InvalidArgumentError("the batch holds no tensor; pass a tensor or a tuple/list/dict of tensors")
+    for path, t in leaves:
+        # A mean over no samples is NaN: that would be reported as a non-finite loss, far from its cause.
+        if t.ndim and t.shape[0] == 0:
+            raise InvalidArgumentError(f"{path} has shape {tuple(t.shape)}: no samples; pass a batch of at least one "
+                                       "(skip an empty last batch, e.g. DataLoader(..., drop_last=True))")
     parts = accumulate * processes
     if parts > 1:
         for path, t in leaves:
             if t.ndim == 0 or t.shape[0] % parts:
                 size = tuple(t.shape)[:1] or "()"
                 if processes > 1:
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"{path} has leading size {size}, which {processes} processes x accumulate={accumulate} cannot "
                         f"split into equal parts; use a global batch size divisible by {parts} (world size x accumulate)"
                     )
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{path} has leading size {size}, which accumulate={accumulate} "
                     f"cannot split into equal micro-batches; use a batch size divisible by {accumulate}"
                 )
@@ -100,14 +105,29 @@ def call_loss(loss_fn, model, batch):
     return loss
 
 
-def check_loss(loss) -> None:
-    """A loss must be a 0-dim floating tensor (shape and dtype only: no device sync)."""
-    shape = tuple(getattr(loss, "shape", ())) if hasattr(loss, "shape") else None
-    if shape is None or not hasattr(loss, "dtype"):
-        raise LossFunctionError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-    if shape != ():
+def check_loss(loss, needs_grad: bool = False) -> None:
+    """A loss must be a 0-dim floating torch tensor (shape, dtype and, with ``needs_grad``, a
+    path back to the parameters; no device sync). ``needs_grad`` is for eager torch, where
+    backward() would fail on it; a traced (JAX) loss carries no autograd flags."""
+    import torch
+
+    if not isinstance(loss, torch.Tensor):
+        kind = type(loss)
+        name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        raise LossFunctionError(f"loss_fn must return a scalar tensor, got {name}; compute the loss from the model's output "
+                                "with torch ops (no .item(), float() or NumPy), e.g. F.mse_loss(model(x), y)")
+    if loss.shape != ():
         raise LossFunctionError(
-            f"loss_fn must return a scalar tensor (shape ()), got shape {shape}; reduce it, e.g. loss.mean()"
+            f"loss_fn must return a scalar tensor (shape ()), got shape {tuple(loss.shape)}; reduce it, e.g. loss.mean()"
         )
-    if "float" not in str(loss.dtype):
+    if not loss.is_floating_point():
         raise LossFunctionError(f"loss_fn must return a floating-point scalar, got dtype {loss.dtype}")
+    if needs_grad and not loss.requires_grad:
+        raise no_gradient_path()
+
+
+def no_gradient_path() -> LossFunctionError:
+    """The one message for a loss that backward cannot reach the trainable parameters from."""
+    return LossFunctionError("loss_fn returned a loss that does not require grad: it has no path back to the model's "
+                             "trainable parameters (computed under torch.no_grad(), detached, or rebuilt from a number); "
+                             "compute it from model(batch) with torch ops")

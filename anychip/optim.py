@@ -40,7 +40,9 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from anychip import validate
 from anychip.backends.jax import optimizer_math
+from anychip.errors import InvalidArgumentError
 
 
 class AdamWState(NamedTuple):
@@ -87,13 +89,17 @@ class HostSchedule(Schedule):
         return np.asarray(float(self.fn(int(step))), dtype=np.float64)
 
 
-def _check_warmup_total(name: str, warmup: int, total: int, min_ratio: float) -> None:
-    if not (isinstance(warmup, int) and warmup >= 0):
-        raise ValueError(f"{name}: warmup must be an int >= 0, got {warmup!r}")
-    if not (isinstance(total, int) and total > 0 and total >= warmup):
-        raise ValueError(f"{name}: total must be an int > 0 and >= warmup ({warmup}), got {total!r}")
-    if not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"{name}: min_ratio must be within [0, 1], got {min_ratio!r}")
+def _check_warmup_total(schedule) -> None:
+    """``warmup`` / ``total`` ints (0 <= warmup <= total, total > 0), ``min_ratio`` in [0, 1];
+    stored as plain Python numbers."""
+    owner = type(schedule).__name__
+    example = f"e.g. {owner}(warmup=100, total=10_000)"
+    warmup = validate.integer("warmup", schedule.warmup, min=0, fix=example, owner=owner)
+    total = validate.integer("total", schedule.total, min=max(1, warmup), owner=owner,
+                             fix=f"total counts every update, the {warmup} of warm-up included; {example}")
+    ratio = validate.real("min_ratio", schedule.min_ratio, min=0, max=1, fix=f"e.g. {owner}(..., min_ratio=0.1)", owner=owner)
+    for field, value in (("warmup", warmup), ("total", total), ("min_ratio", ratio)):
+        object.__setattr__(schedule, field, value)  # frozen: the checked, normalised value
 
 
 def _warmup_then(warmup: int, total: int, step, xp, decay):
@@ -116,7 +122,7 @@ class WarmupCosine(Schedule):
     min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_warmup_total("WarmupCosine", self.warmup, self.total, self.min_ratio)
+        _check_warmup_total(self)
 
     def __call__(self, step, xp=np):
         r = self.min_ratio
@@ -132,27 +138,35 @@ class WarmupLinear(Schedule):
     min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_warmup_total("WarmupLinear", self.warmup, self.total, self.min_ratio)
+        _check_warmup_total(self)
 
     def __call__(self, step, xp=np):
         r = self.min_ratio
         return _warmup_then(self.warmup, self.total, step, xp, lambda p: 1.0 - (1.0 - r) * p)
 
 
-def _check_positive(owner: str, **values: float) -> None:
-    for key, v in values.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{owner}: {key} must be a finite number >= 0, got {v!r}")
+_EXAMPLES = {"lr": "3e-4", "eps": "1e-8", "weight_decay": "0.1", "momentum": "0.9"}  # what a fix suggests
+
+
+def _check_common(spec, **ranges) -> None:
+    """The checks every spec shares, each value stored back normalised (frozen dataclass):
+    ``ranges`` maps a field to its :func:`anychip.validate.real` bounds; then the schedule and
+    the ``no_decay`` rule."""
+    owner = type(spec).__name__
+    for field, bounds in ranges.items():
+        value = validate.real(field, getattr(spec, field), fix=f"e.g. {owner}({field}={_EXAMPLES[field]})", owner=owner, **bounds)
+        object.__setattr__(spec, field, value)
+    if not isinstance(spec.schedule, Schedule):
+        raise validate.fail("schedule", spec.schedule, "an anychip schedule",
+                            f"e.g. {owner}(schedule=ac.WarmupCosine(warmup=100, total=10_000))", owner=owner)
+    if spec.no_decay is not None and not callable(spec.no_decay):
+        raise validate.fail("no_decay", spec.no_decay, "callable(name, param) -> bool or None",
+                            "e.g. no_decay=lambda n, p: p.ndim < 2", owner=owner)
 
 
 def _log(beta: float) -> float:
     """log(beta), -inf for beta = 0 (then the bias correction 1 - 0**t is 1)."""
     return math.log(beta) if beta > 0 else -math.inf
-
-
-def _check_rule(owner: str, rule) -> None:
-    if rule is not None and not callable(rule):
-        raise TypeError(f"{owner}: no_decay must be callable(name, param) -> bool, e.g. lambda n, p: p.ndim < 2; got {rule!r}")
 
 
 def _lr_factor(schedule, count, factor, jnp):
@@ -218,12 +232,11 @@ class AdamW(OptimizerSpec):
     slots = ("exp_avg", "exp_avg_sq")
 
     def __post_init__(self) -> None:
-        _check_positive("AdamW", lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not isinstance(self.schedule, Schedule):
-            raise TypeError(f"AdamW: schedule must be an anychip schedule such as ac.WarmupCosine(...), got {self.schedule!r}")
-        _check_rule("AdamW", self.no_decay)
+        # lr may be a 0-d tensor (torch.optim takes one), stored as its value; eps = 0 divides
+        # 0 by 0 where a gradient and its second moment are zero.
+        _check_common(self, lr={"min": 0, "tensor": True}, eps={"above": 0}, weight_decay={"min": 0})
+        betas = validate.pair("betas", self.betas, min=0, below=1, fix="e.g. AdamW(betas=(0.9, 0.999))", owner="AdamW")
+        object.__setattr__(self, "betas", betas)
 
     def to_torch(self, params, *, fused: bool = False):
         import torch
@@ -281,12 +294,12 @@ class SGD(OptimizerSpec):
     no_decay: Callable | None = None  # (name, param) -> True for parameters without weight decay
 
     def __post_init__(self) -> None:
-        _check_positive("SGD", lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        # momentum >= 1 never forgets a gradient: the step grows without bound.
+        _check_common(self, lr={"min": 0, "tensor": True}, momentum={"min": 0, "below": 1}, weight_decay={"min": 0})
+        object.__setattr__(self, "nesterov", validate.flag("nesterov", self.nesterov, owner="SGD"))
         if self.nesterov and self.momentum <= 0:
-            raise ValueError("SGD: nesterov=True needs momentum > 0")
-        if not isinstance(self.schedule, Schedule):
-            raise TypeError(f"SGD: schedule must be an anychip schedule such as ac.WarmupCosine(...), got {self.schedule!r}")
-        _check_rule("SGD", self.no_decay)
+            raise InvalidArgumentError(f"SGD: nesterov=True needs momentum > 0, got momentum={self.momentum!r}; "
+                                       "e.g. SGD(momentum=0.9, nesterov=True)")
 
     @property
     def slots(self) -> tuple[str, ...]:  # type: ignore[override]

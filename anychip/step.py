@@ -20,12 +20,12 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-from anychip import distributed, user_optimizer
+from anychip import distributed, user_optimizer, validate
 from anychip.backends import backend as select
 from anychip.backends.contract import Backend
 from anychip.batch import check_batch, count_tokens
 from anychip.engine import NONFINITE_POLICIES, PARALLEL_MODES, StepOutput, StepSpec
-from anychip.errors import LossFunctionError, NonFiniteLossError
+from anychip.errors import InvalidArgumentError, LossFunctionError, NonFiniteLossError
 from anychip.optim import AdamW
 from anychip.precision import policy
 from anychip.recompile import ShapeWatch
@@ -83,29 +83,34 @@ class TrainStep:
     ):
         import torch
 
+        own = "TrainStep"
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise validate.fail("model", model, "a torch.nn.Module", "e.g. TrainStep(torch.nn.Linear(4, 2), loss_fn)", owner=own)
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+            raise validate.fail("loss_fn", loss_fn, "callable as loss_fn(model, batch) -> scalar tensor",
+                                "e.g. lambda m, b: F.mse_loss(m(b[0]), b[1])", owner=own)
+        # Every plain argument is checked before the optimizer and scheduler are looked at:
+        # resolve() may build a LambdaLR on the user's optimizer, which writes its groups.
+        max_grad_norm = validate.real("max_grad_norm", max_grad_norm, above=0, allow_none=True, owner=own,
+                                      fix="e.g. max_grad_norm=1.0, or None for no clipping")
+        accumulate = validate.integer("accumulate", accumulate, min=1, owner=own, fix="e.g. accumulate=4 (micro-batches per update)")
+        compile = validate.flag("compile", compile, allow_none=True, owner=own)
+        strict_shapes = validate.flag("strict_shapes", strict_shapes, owner=own)
+        split_batches = validate.flag("split_batches", split_batches, owner=own)
+        on_nonfinite = validate.choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES, owner=own)
+        parallel = validate.choice("parallel", parallel, PARALLEL_MODES, owner=own)
+        kernels = validate.choice("kernels", kernels, ("auto", "reference"), owner=own)
+        pol = policy(precision)
+        if backend is not None and not isinstance(backend, (str, Backend)):
+            raise validate.fail("backend", backend, "a backend name such as 'cpu' or 'jax:tpu', an ac.backend(...) or None",
+                                "see ac.list_backends()", owner=own)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise InvalidArgumentError("TrainStep: model has no trainable parameters (none with requires_grad=True); "
+                                       "unfreeze some with p.requires_grad_(True)")
         optimizer = AdamW() if optimizer is None else optimizer
         # A spec (ac.AdamW(...)) or the user's torch.optim optimizer over model's parameters;
         # lr_scheduler: a torch LRScheduler on it, or callable(update) -> lr factor.
         optimizer, lr_scheduler = user_optimizer.resolve(optimizer, lr_scheduler, model)
-        pol = policy(precision)
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
-        if not (isinstance(accumulate, int) and not isinstance(accumulate, bool) and accumulate >= 1):
-            raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
-        if parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
-        if not isinstance(split_batches, bool):
-            raise TypeError(f"split_batches must be True or False, got {split_batches!r}")
-        if kernels not in ("auto", "reference"):
-            raise ValueError(f"kernels must be 'auto' or 'reference', got {kernels!r}")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         self.backend = backend if isinstance(backend, Backend) else select(backend)
         parallel = resolve_parallel(self.backend, parallel)
         self.spec = StepSpec(

@@ -21,6 +21,9 @@ import dataclasses
 import math
 import warnings
 
+from anychip import validate
+from anychip.errors import InvalidArgumentError
+
 # Group entries that say how torch computes, not what: each backend keeps its own choice.
 IMPLEMENTATION_KEYS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 # Group entries an LR scheduler rewrites as it goes (OneCycleLR: momentum / betas too).
@@ -54,34 +57,35 @@ def resolve(optimizer, lr_scheduler, model):
 
     is_scheduler = isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler)
     if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise TypeError("lr_scheduler=ReduceLROnPlateau needs a validation metric per step; TrainStep steps schedulers "
-                        "without one: call its step(metric) yourself after each evaluation, and pass lr_scheduler=None")
+        raise InvalidArgumentError("lr_scheduler=ReduceLROnPlateau needs a validation metric per step; TrainStep steps schedulers "
+                                   "without one: call its step(metric) yourself after each evaluation, and pass lr_scheduler=None")
     if lr_scheduler is not None and not is_scheduler and not callable(lr_scheduler):
-        raise TypeError("lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler built on the optimizer, or "
-                        f"callable(update) -> lr factor, got {type(lr_scheduler).__name__}")
+        raise validate.fail("lr_scheduler", lr_scheduler, "a torch.optim.lr_scheduler.LRScheduler built on the optimizer, "
+                            "callable(update) -> lr factor, or None", "e.g. lr_scheduler=lambda update: 0.5 ** update",
+                            owner="TrainStep")
     if isinstance(optimizer, OptimizerSpec):
         if lr_scheduler is None:
             return optimizer, None
         if is_scheduler:
-            raise TypeError(f"lr_scheduler={type(lr_scheduler).__name__} is built on a torch optimizer: pass that optimizer "
-                            "as optimizer=, or give the spec a callable(update) -> lr factor instead")
+            raise InvalidArgumentError(f"lr_scheduler={type(lr_scheduler).__name__} is built on a torch optimizer: pass that optimizer "
+                                       "as optimizer=, or give the spec a callable(update) -> lr factor instead")
         if not isinstance(optimizer.schedule, Constant):
-            raise ValueError(f"optimizer={type(optimizer).__name__}(schedule={optimizer.schedule!r}) and lr_scheduler= both "
-                             "set the learning rate schedule; pass only one of them")
+            raise InvalidArgumentError(f"optimizer={type(optimizer).__name__}(schedule={optimizer.schedule!r}) and lr_scheduler= both "
+                                       "set the learning rate schedule; pass only one of them")
         return dataclasses.replace(optimizer, schedule=HostSchedule(lr_scheduler)), None
     if not is_torch_optimizer(optimizer):
-        raise TypeError("optimizer must be a torch.optim optimizer built over model.parameters(), or a spec such as "
-                        f"ac.AdamW(lr=3e-4) / ac.SGD(...), got {type(optimizer).__name__}")
+        raise validate.fail("optimizer", optimizer, "a torch.optim optimizer built over model.parameters(), or a spec such as "
+                            "ac.AdamW(lr=3e-4) / ac.SGD(...)", "e.g. optimizer=ac.AdamW(lr=3e-4)", owner="TrainStep")
     owned = {id(p) for p in model.parameters()}
     for g, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             if id(p) not in owned:
-                raise ValueError(f"optimizer param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) is not a parameter of "
-                                 "model; build the optimizer over the model TrainStep is given (model.parameters())")
+                raise InvalidArgumentError(f"optimizer param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)}) is not a parameter of "
+                                           "model; build the optimizer over the model TrainStep is given (model.parameters())")
     if is_scheduler:
         if lr_scheduler.optimizer is not optimizer:
-            raise ValueError(f"lr_scheduler={type(lr_scheduler).__name__} was built on another optimizer than optimizer=; "
-                             "build it on the optimizer you pass")
+            raise InvalidArgumentError(f"lr_scheduler={type(lr_scheduler).__name__} was built on another optimizer than optimizer=; "
+                                       "build it on the optimizer you pass")
         return optimizer, lr_scheduler
     if lr_scheduler is not None:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scheduler)
@@ -104,8 +108,8 @@ def rebind(optimizer, old_names: dict[int, str], model) -> None:
         for old, p in zip(group["params"], new):
             if old is not p and old in optimizer.state:
                 if hasattr(p, "device_mesh"):
-                    raise ValueError("the optimizer already holds state for parameters that parallel='fsdp' shards; "
-                                     "build TrainStep before stepping the optimizer, and resume through ac.load")
+                    raise InvalidArgumentError("the optimizer already holds state for parameters that parallel='fsdp' shards; "
+                                               "build TrainStep before stepping the optimizer, and resume through ac.load")
                 optimizer.state[p] = {k: v.to(p.device) if getattr(v, "ndim", 0) else v for k, v in optimizer.state.pop(old).items()}
         group["params"] = new
 

@@ -18,7 +18,7 @@ from anychip.backends.jax import autocast as jax_autocast
 from anychip.backends.jax import prng, step_optimizer
 from anychip.backends.jax.convert import DATA_AXIS, global_array, host_array, matmul_precision, to_torch
 from anychip.backends.jax.diagnose import translate
-from anychip.batch import call_loss, check_loss
+from anychip.batch import call_loss, check_loss, no_gradient_path
 from anychip.engine import PendingCheck, StepOutput
 from anychip.errors import DistributedError
 from anychip.kernels.scope import kernel_scope
@@ -169,7 +169,14 @@ class JaxEngine:
                 loss = torch.func.functional_call(self._loss_module, state, (tbatch,), tie_weights=True, strict=False)
                 check_loss(loss)
             new_key = env.prng_key
-        loss = env.t2j_iso(loss).astype(jnp.float32)
+        loss = env.t2j_iso(loss)
+        # Differentiated inputs are tracers of jax.value_and_grad; a loss of another kind (a
+        # constant, or traced from the batch only) does not depend on them: the gradient would
+        # be silently zero where a torch backend refuses the backward.
+        anchor = next(iter(params.values()))
+        if isinstance(anchor, jax.core.Tracer) and type(loss) is not type(anchor):
+            raise no_gradient_path()
+        loss = loss.astype(jnp.float32)
         # In-place buffer updates (e.g. BatchNorm statistics) land in the tensors we passed.
         new_buffers = {k: env.t2j_iso(tbuffers[k]).astype(stored[k].dtype) for k in stored}
         return (loss / acc if acc > 1 else loss), (loss, new_buffers, new_key)

@@ -86,14 +86,20 @@ class TorchEngine:
             placed = self.backend.place_batch(batch)
             micro = split_batch(placed if self._cast_inputs is None else self._cast_inputs(placed), spec.accumulate)
             total = None
-            with self._kernel_scope():
-                for i, mb in enumerate(micro):
-                    with self.parallel.grad_sync(self._net, self.model, i == len(micro) - 1):
-                        with self._autocast():
-                            loss = self._forward(mb)
-                        check_loss(loss)
-                        (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
-                    total = loss.detach() if total is None else total + loss.detach()
+            try:
+                with self._kernel_scope():
+                    for i, mb in enumerate(micro):
+                        with self.parallel.grad_sync(self._net, self.model, i == len(micro) - 1):
+                            with self._autocast():
+                                loss = self._forward(mb)
+                            check_loss(loss, needs_grad=True)
+                            (loss / spec.accumulate if spec.accumulate > 1 else loss).backward()
+                        total = loss.detach() if total is None else total + loss.detach()
+            except BaseException:
+                # A failed micro-batch leaves no gradients of the earlier ones behind to leak
+                # into the next update.
+                self.optimizer.zero_grad(set_to_none=True)
+                raise
             loss = (total / spec.accumulate if spec.accumulate > 1 else total).float()
             grads = [p.grad for p in self.params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
