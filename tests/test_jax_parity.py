@@ -74,6 +74,22 @@ def test_same_losses_and_weights_as_torch_cpu(name, config):
             torch.testing.assert_close(j, t, rtol=0, atol=1e-3 * scale, msg=lambda m: f"{slot}/{n}: {m}")
 
 
+def test_bf16_runs_the_matmuls_in_bf16_as_torch_autocast_does():
+    """jax:cpu applies torch's autocast policy: each nn.Linear outputs what it outputs under
+    precision="bf16" on the cpu backend (bfloat16), not float32 with a bf16-like loss."""
+    w = workloads.get("mlp")
+    seen = {}
+    for backend in ("cpu", "jax:cpu"):
+        model = w.build(seed=3)
+        seen[backend] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, a, out, d=seen[backend], name=name: d.setdefault(name, set()).add(out.dtype))
+        ac.TrainStep(model, w.loss_fn, ac.SGD(lr=5e-2), backend=backend, precision="bf16")(w.batch(0, 8, 1))
+    assert seen["cpu"] and set().union(*seen["cpu"].values()) == {torch.bfloat16}
+    assert seen["jax:cpu"] == seen["cpu"]
+
+
 def test_parity_test_can_fail():
     """A learning rate 0.1% off on one side must break the tolerance above (the test has teeth)."""
     w = workloads.get("mlp")

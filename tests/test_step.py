@@ -48,6 +48,26 @@ def test_bf16_keeps_fp32_master_weights_and_tracks_fp32_loss():
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
 
 
+def linear_output_dtypes(model: torch.nn.Module) -> dict[str, set]:
+    """{name: dtypes seen} of every nn.Linear's output, filled in as the model runs."""
+    seen: dict[str, set] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, set()).add(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_bf16_computes_the_matmuls_in_bf16(precision, dtype):
+    """A loss close to fp32's does not show that bf16 ran: the matmuls' outputs do."""
+    w = workloads.get("gpt-tiny")
+    model = w.build(seed=5)
+    seen = linear_output_dtypes(model)
+    ac.TrainStep(model, w.loss_fn, backend="cpu", precision=precision)(w.batch(0, 4, 16))
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and seen == {n: {dtype} for n in linears}
+
+
 def test_bf16_pure_stores_bf16():
     w = workloads.get("gpt-tiny")
     step = ac.TrainStep(w.build(), w.loss_fn, backend="cpu", precision="bf16-pure")

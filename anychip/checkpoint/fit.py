@@ -6,6 +6,7 @@ matching shapes), so the user sees what to change rather than a bare ``KeyError`
 
 from __future__ import annotations
 
+import collections
 import difflib
 import logging
 from pathlib import Path
@@ -111,6 +112,12 @@ def _user_optimizer_state(directory: Path, manifest: dict, model: dict, slots: d
         }
         if any(d.values()):
             raise CheckpointMismatchError(mismatch_message(directory, f"optimizer slot {slot!r}", d), **d)
+    # Not refused like a spec optimizer's: torch's Optimizer.load_state_dict casts a parameter's
+    # floating state (all but "step") to the parameter's dtype, the JAX engine does the same.
+    log_conversions(directory, {"optimizer state": [
+        (dtype_name(t), trainable[k][1]) for slot, by_name in slots.items() if slot != "step"
+        for k, t in by_name.items() if t.is_floating_point() and dtype_name(t) != trainable[k][1]
+    ]})
     listed = manifest["optimizer_state"]
     groups = listed.get("groups", [])
     if keep_settings:
@@ -118,6 +125,19 @@ def _user_optimizer_state(directory: Path, manifest: dict, model: dict, slots: d
         groups = [{k: v for k, v in g.items() if k in kept} for g in groups]
     optimizer = {"slots": slots, "scalars": listed.get("scalars", {}), "groups": groups}
     return {"step": int(manifest["step"]), "model": model, "optimizer": optimizer, "lr_scheduler": manifest.get("lr_scheduler")}
+
+
+def log_conversions(directory: Path, converted: dict[str, list[tuple[str, str]]]) -> None:
+    """One WARNING for a load that casts tensors: ``converted`` is {kind: [(saved, loaded dtype)]},
+    e.g. "anychip: load: 6 tensors converted bfloat16 -> float32 (optimizer state 6) from ckpt"."""
+    counts = collections.Counter((a, b, kind) for kind, pairs in converted.items() for a, b in pairs)
+    parts = []
+    for a, b in sorted({(a, b) for a, b, _ in counts}):
+        kinds = [(kind, counts[a, b, kind]) for kind in converted if counts[a, b, kind]]
+        n = sum(c for _, c in kinds)
+        parts.append(f"{n} tensor{'' if n == 1 else 's'} converted {a} -> {b} (" + ", ".join(f"{k} {c}" for k, c in kinds) + ")")
+    if parts:
+        log.warning("anychip: load: %s from %s", "; ".join(parts), directory)
 
 
 def trainable_params(step) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import struct
 
@@ -214,6 +215,49 @@ def test_parameter_dtype_change_is_refused(tmp_path):
     b(batch("mlp", 0))
     checkpoint.save(b, tmp_path / "fp32")
     assert checkpoint.load(tmp_path / "fp32", make("mlp", precision="bf16"), restore_rng=False).precision == "fp32"
+
+
+def user_adamw_step():
+    w = workloads.get("mlp")
+    model = w.build(seed=1)
+    return ac.TrainStep(model, w.loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-3), backend="cpu")
+
+
+def conversion_warnings(caplog) -> list[str]:
+    records = [r for r in caplog.records if r.name == "anychip" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in records if "converted" in r.getMessage()]
+
+
+def test_optimizer_state_cast_on_load_is_logged_once(tmp_path, caplog):
+    """A torch.optim optimizer's state saved in bfloat16 (an optimizer that keeps bf16 moments)
+    is cast to its float32 parameters' dtype on load, by torch: said once, with the counts."""
+    a = user_adamw_step()
+    a(batch("mlp", 0))
+    for state in a.engine.optimizer.state.values():
+        state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].bfloat16(), state["exp_avg_sq"].bfloat16()
+    checkpoint.save(a, tmp_path)
+    saved = a.state_dict()["optimizer"]["slots"]
+    b = user_adamw_step()
+    with caplog.at_level(logging.INFO, logger="anychip"):
+        checkpoint.load(tmp_path, b, restore_rng=False)
+    n = 2 * len(list(b.model.parameters()))  # exp_avg and exp_avg_sq; "step" is never cast
+    where = tmp_path / "step-000000001"
+    assert conversion_warnings(caplog) == [f"anychip: load: {n} tensors converted bfloat16 -> float32 (optimizer state {n}) from {where}"]
+    got = b.state_dict()["optimizer"]["slots"]
+    for slot in ("exp_avg", "exp_avg_sq"):
+        for k, t in saved[slot].items():
+            assert got[slot][k].dtype == torch.float32 and torch.equal(got[slot][k], t.float()), (slot, k)
+
+
+@pytest.mark.parametrize("optimizer", ["spec", "torch.optim"])
+def test_same_dtype_load_logs_no_conversion(tmp_path, caplog, optimizer):
+    a = make("mlp") if optimizer == "spec" else user_adamw_step()
+    a(batch("mlp", 0))
+    checkpoint.save(a, tmp_path)
+    with caplog.at_level(logging.INFO, logger="anychip"):
+        checkpoint.load(tmp_path, make("mlp") if optimizer == "spec" else user_adamw_step(), restore_rng=False)
+    assert any("loaded update 1" in r.getMessage() for r in caplog.records)  # the log was captured
+    assert conversion_warnings(caplog) == []
 
 
 @needs_jax

@@ -99,15 +99,22 @@ def test_fp32_matches_the_hand_written_loop(backend, tol, name, optimizer):
 # -- accumulation: two micro-batches are one update on the whole batch ------------------------------
 
 
-def as_dict(batch):
-    return {"inputs": batch[0], "labels": batch[1]}
+# (pack the workload's (inputs, labels), unpack it again in the loss function)
+LAYOUTS = {
+    "tensor": (lambda b: b, lambda b: b),
+    "dict": (lambda b: {"inputs": b[0], "labels": b[1]}, lambda b: (b["inputs"], b["labels"])),
+    "nested": (lambda b: [{"inputs": (b[0],)}, {"labels": b[1]}], lambda b: (b[0]["inputs"][0], b[1]["labels"])),
+}
 
 
-@pytest.mark.parametrize("name, layout", [("mlp", "tensor"), ("gpt-tiny", "tensor"), ("mlp", "dict")])
+@pytest.mark.parametrize("name, layout", [("mlp", "tensor"), ("gpt-tiny", "tensor"), ("mlp", "dict"), ("mlp", "nested")])
 def test_accumulate_two_equals_one_step_on_the_whole_batch(backend, name, layout):
+    """Every micro-batch is its own chunk of every leaf: a mean loss over two equal halves is
+    the loss of the whole batch, and so is the update."""
     w = workloads.get(name)
-    loss_fn = w.loss_fn if layout == "tensor" else (lambda model, b: w.loss_fn(model, (b["inputs"], b["labels"])))
-    batches = [b if layout == "tensor" else as_dict(b) for b in data(name, 3, start=10)]
+    pack, unpack = LAYOUTS[layout]
+    loss_fn = w.loss_fn if layout == "tensor" else (lambda model, b: w.loss_fn(model, unpack(b)))
+    batches = [pack(b) for b in data(name, 3, start=10)]
     model = w.build(seed=2)
     spec = ac.SGD(lr=0.1, momentum=0.9)
     whole = ac.TrainStep(copy.deepcopy(model), loss_fn, spec, backend=backend)

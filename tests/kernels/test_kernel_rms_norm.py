@@ -21,6 +21,17 @@ def _inputs(shape, dtype, weight_dtype=None):
     return [x.to(DEVICE, dtype), w.to(DEVICE, weight_dtype or dtype)]
 
 
+def _near_eps_inputs(dtype):
+    """Rows where eps is not negligible: all zeros (y = 0, dx = rstd * w * dy with rstd =
+    eps**-0.5), mean(x**2) ~ eps, and ~eps/100. Inputs of mean(x**2) ~ 9 hide a missing eps."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 33, generator=gen) * EPS**0.5
+    x[0] = 0
+    x[1] *= 0.1
+    w = 1 + 0.5 * torch.randn(33, generator=gen)
+    return [x.to(DEVICE, dtype), w.to(DEVICE, dtype)]
+
+
 def _reference(x, w):
     return reference.rms_norm(x, w, EPS)
 
@@ -40,6 +51,20 @@ def test_reference_through_the_custom_op(shape, dtype):
 def test_triton(shape, dtype):
     fn = lambda x, w: rms_norm(x, w, EPS, kernels="triton")  # noqa: E731
     check_torch(fn, _reference, _inputs(shape, dtype), [0, 1], dtype, "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_through_the_custom_op_near_eps(dtype):
+    fn = lambda x, w: rms_norm_op(x, w, EPS, "reference")  # noqa: E731
+    check_torch(fn, _reference, _near_eps_inputs(dtype), [0, 1], dtype, "op near eps")
+
+
+@requires("triton")
+@pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_near_eps(dtype):
+    fn = lambda x, w: rms_norm(x, w, EPS, kernels="triton")  # noqa: E731
+    check_torch(fn, _reference, _near_eps_inputs(dtype), [0, 1], dtype, "triton near eps")
 
 
 @requires("triton")
@@ -74,3 +99,19 @@ def test_pallas_interpreted(shape, dtype):
 
     fn = lambda x, w: pallas.rms_norm(x, w, EPS, interpret=True)  # noqa: E731
     check_jax(fn, _reference, _inputs(shape, dtype), [0, 1], dtype, "pallas")
+
+
+@requires("jax")
+def test_jax_near_eps():
+    from anychip.kernels.rms_norm import jax as jax_impl
+
+    fn = lambda x, w: jax_impl.rms_norm(x, w, EPS)  # noqa: E731
+    check_jax(fn, _reference, _near_eps_inputs(torch.float32), [0, 1], torch.float32, "jax near eps")
+
+
+@requires("jax")
+def test_pallas_interpreted_near_eps():
+    from anychip.kernels.rms_norm import pallas
+
+    fn = lambda x, w: pallas.rms_norm(x, w, EPS, interpret=True)  # noqa: E731
+    check_jax(fn, _reference, _near_eps_inputs(torch.float32), [0, 1], torch.float32, "pallas near eps")
