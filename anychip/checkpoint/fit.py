@@ -45,6 +45,12 @@ def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optim
             hint = f"the checkpoint was written with precision {manifest.get('precision')!r}, the step uses {step.spec.policy.name!r}"
         raise CheckpointMismatchError(mismatch_message(directory, "model", d, hint), **d)
 
+    saved_precision, precision = manifest.get("precision"), step.spec.policy.name
+    if saved_precision and saved_precision != precision:
+        # The dtypes fit (bf16 autocast keeps fp32 weights), so nothing is cast, but the run
+        # changes how it computes from here on: say so rather than resume silently.
+        log.warning("anychip: load: %s was trained with precision %r; resuming with %r (weights and optimizer state "
+                    "load as stored, in %s)", directory, saved_precision, precision, _dtypes(want))
     stored = tensors[MODEL_FILE]
     aliases = manifest["model"].get("aliases", {})
     model = {k: stored[aliases.get(k, k)] for k in listed}
@@ -75,6 +81,10 @@ def check_fits(directory: Path, manifest: dict, tensors: dict, step, allow_optim
         if any(d.values()):
             raise CheckpointMismatchError(mismatch_message(directory, f"optimizer slot {slot!r}", d), **d)
     return {"step": int(manifest["step"]), "model": model, "optimizer": {"slots": slots}}
+
+
+def _dtypes(shapes_and_dtypes: dict) -> str:
+    return ", ".join(sorted({dtype for _, dtype in shapes_and_dtypes.values()}))
 
 
 def _check_slots_complete(directory: Path, slots: dict, optimizer: str) -> None:

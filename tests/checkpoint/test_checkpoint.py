@@ -260,6 +260,25 @@ def test_same_dtype_load_logs_no_conversion(tmp_path, caplog, optimizer):
     assert conversion_warnings(caplog) == []
 
 
+def test_a_bf16_checkpoint_resumed_in_fp32_is_said_once(tmp_path, caplog):
+    """bf16 autocast keeps float32 weights, so a bf16 run's checkpoint fits an fp32 step: it
+    loads, equal, with one warning naming both precisions; an fp32 -> fp32 load has none."""
+    a = make("mlp", precision="bf16")
+    a(batch("mlp", 0))
+    checkpoint.save(a, tmp_path / "bf16")
+    b = make("mlp")
+    with caplog.at_level(logging.INFO, logger="anychip"):
+        checkpoint.load(tmp_path / "bf16", b, restore_rng=False)
+    said = [r.getMessage() for r in caplog.records if "trained with precision" in r.getMessage()]
+    assert len(said) == 1 and "'bf16'" in said[0] and "'fp32'" in said[0] and "float32" in said[0], said
+    assert all(torch.equal(b.state_dict()["model"][k], v) for k, v in a.state_dict()["model"].items())
+    caplog.clear()
+    checkpoint.save(b, tmp_path / "fp32")
+    with caplog.at_level(logging.INFO, logger="anychip"):
+        checkpoint.load(tmp_path / "fp32", make("mlp"), restore_rng=False)
+    assert not [r for r in caplog.records if "trained with precision" in r.getMessage()]
+
+
 @needs_jax
 def test_bf16_master_weights_stay_float32_on_jax(tmp_path):
     a = make("mlp", precision="bf16")
