@@ -18,6 +18,10 @@ class InvalidArgumentError(AnychipError, ValueError, TypeError):
     A ValueError and a TypeError both, so code that catches either keeps working."""
 
 
+class MissingDependencyError(AnychipError, ImportError):
+    """An optional package a feature needs is not installed; the message gives the pip command."""
+
+
 class BackendError(AnychipError, RuntimeError):
     """A backend was asked for by name and cannot be used; the message says why and how to fix it."""
 

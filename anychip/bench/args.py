@@ -61,8 +61,11 @@ def register(subparsers) -> None:
         "that call anychip.backends.register(...) when imported; they load in every backend process too.",
     )
     p.add_argument(
-        "--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory (default gpt-tiny)"
+        "--workload", default="gpt-tiny",
+        help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small, hf:<model_type> (llama, gpt2, qwen2, mistral, bert) or "
+        "pkg.module:factory (default gpt-tiny)",
     )
+    p.add_argument("--size", default=None, help="size of an hf:<model_type> workload: tiny (default; CI) or small (12 layers, hidden 768)")
     p.add_argument(
         "--backends",
         default="auto",
@@ -159,5 +162,6 @@ def _checked_bench(args) -> int:
         from anychip.backends import load_plugins
 
         load_plugins()
+        args.workload = workloads.with_size(args.workload, args.size)  # hf:llama --size small -> hf:llama-small
         check_batch_shape(workloads.get(args.workload), args.batch, args.seq)
     return cmd_bench(args)

@@ -1,61 +1,22 @@
 """Built-in workloads: a model, a seeded synthetic data stream, the loss, and FLOPs per token.
 
-``get("gpt-tiny")`` returns a :class:`Workload`; a user workload is ``"pkg.module:factory"``,
-where ``factory()`` returns a :class:`Workload`.
+``get("gpt-tiny")`` returns a :class:`Workload`; ``"hf:llama"`` (``"hf:llama-small"``) a Hugging
+Face architecture built from its config (:mod:`anychip.workloads.hf`); a user workload is
+``"pkg.module:factory"``, where ``factory()`` returns a :class:`Workload`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
-from typing import Callable, Iterator
 
 from anychip.errors import InvalidArgumentError
-from anychip.workloads import gpt, llama, mlp
+from anychip.workloads import gpt, hf, llama, mlp
+from anychip.workloads.base import Workload
 
+__all__ = ["BUILTIN", "HF_PREFIX", "Workload", "get", "with_size"]
 
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """What a benchmark or parity run needs to train something reproducibly.
-
-    ``build(seed)`` returns a freshly initialised model (same seed, same weights everywhere);
-    ``batch(step, batch_size, seq, seed)`` returns the batch of update ``step`` (a pure
-    function of its arguments, so a resumed run sees the same data); ``loss_fn(model, batch)``
-    is the scalar loss; ``flops_per_token(model, seq)`` the training FLOPs per token
-    (6N + 12 L d T for transformers; 6N for the MLP).
-
-    What the CLI checks a requested batch against, before building anything: ``max_seq``, the
-    longest sequence the model takes (its context length; 1 for a model without a sequence
-    dimension; None: no limit); ``batch_bytes_per_token``, the host bytes of one token of a
-    batch; ``activation_bytes_per_token``, a lower bound on the bytes of activations one token
-    keeps for backward in float32 (0: unknown).
-    """
-
-    name: str
-    build: Callable
-    batch: Callable
-    loss_fn: Callable
-    flops_per_token: Callable
-    default_batch: int
-    default_seq: int
-    max_seq: int | None = None
-    batch_bytes_per_token: int = 0
-    activation_bytes_per_token: int = 0
-
-    def __post_init__(self) -> None:
-        if self.default_batch < 1 or self.default_seq < 1:
-            raise ValueError(f"workload {self.name!r}: default batch and seq must be >= 1")
-        if self.max_seq is not None and not self.max_seq >= self.default_seq:
-            raise ValueError(f"workload {self.name!r}: max_seq {self.max_seq} is below default_seq {self.default_seq}")
-        if self.batch_bytes_per_token < 0 or self.activation_bytes_per_token < 0:
-            raise ValueError(f"workload {self.name!r}: bytes per token must be >= 0")
-
-    def batches(self, batch_size: int | None = None, seq: int | None = None, seed: int = 0, start: int = 0) -> Iterator:
-        step = start
-        while True:
-            yield self.batch(step, batch_size or self.default_batch, seq or self.default_seq, seed)
-            step += 1
+HF_PREFIX = "hf:"  # reserved: "hf:<model_type>[-<size>]" is a Hugging Face architecture, never a module path
 
 
 def _lm(name: str, module, preset: str, batch: int, seq: int) -> Workload:
@@ -96,11 +57,37 @@ def get(name: str) -> Workload:
         raise InvalidArgumentError(f"workload must be a name such as 'gpt-tiny' or 'pkg.module:factory', got {type(name).__name__}")
     if name in BUILTIN:
         return BUILTIN[name]
+    if name.startswith(HF_PREFIX):
+        model_type, size = _hf_name(name)
+        return hf.hf_workload(model_type, size)
     if ":" in name:
         return _from_factory(name)
     close = difflib.get_close_matches(name, BUILTIN, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise InvalidArgumentError(f"unknown workload {name!r}.{hint} Built-in: {', '.join(BUILTIN)}; or give 'pkg.module:factory'.")
+    raise InvalidArgumentError(f"unknown workload {name!r}.{hint} Built-in: {', '.join(BUILTIN)}; Hugging Face: "
+                               f"{', '.join(HF_PREFIX + t for t in hf.MODEL_TYPES)}; or give 'pkg.module:factory'.")
+
+
+def _hf_name(name: str) -> tuple[str, str]:
+    """``hf:llama`` -> (llama, tiny); ``hf:llama-small`` -> (llama, small)."""
+    rest = name[len(HF_PREFIX):]
+    model_type, dash, size = rest.rpartition("-")
+    if dash and size in hf.SIZES:
+        return model_type, size
+    return rest, "tiny"
+
+
+def with_size(name: str, size: str | None) -> str:
+    """The workload name ``--size`` asks for: ``hf:llama`` at size small is ``hf:llama-small``.
+    Only Hugging Face workloads take a size (the built-in ones name theirs: gpt-tiny, gpt-small)."""
+    if size is None:
+        return name
+    if not isinstance(name, str) or not name.startswith(HF_PREFIX):
+        raise InvalidArgumentError(f"--size applies to {HF_PREFIX}<model_type> workloads, not {name!r} (built-in sizes are in the "
+                                   "name: gpt-tiny, gpt-small, llama-tiny, llama-small)")
+    if size not in hf.SIZES:
+        raise InvalidArgumentError(f"unknown size {size!r}; choose one of {', '.join(hf.SIZES)}")
+    return f"{HF_PREFIX}{_hf_name(name)[0]}-{size}"
 
 
 def _from_factory(name: str) -> Workload:
