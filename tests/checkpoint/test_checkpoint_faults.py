@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import random
 import time
 from pathlib import Path
@@ -279,7 +280,8 @@ KILL_POINTS = [
     ("unlink:trash", 2),  # rotation: half deleted
     ("rmdir:trash", 1),
 ]
-RANDOM_TRIALS = 13
+# make test kills 13 saves at random moments; ANYCHIP_SAVE_KILLS=N kills N for a longer check.
+RANDOM_TRIALS = int(os.environ.get("ANYCHIP_SAVE_KILLS", "13"))
 PRELOAD = ["torch", "torch._dynamo", "torch.optim", "safetensors.torch", "anychip", "anychip.checkpoint", "anychip.workloads"]
 PHASE_DELAY_S = 0.02  # per system call, so that a save lasts ~0.25 s and random kills land inside
 
