@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.anychip-installed
-EXTRAS := jax,bench,checkpoint,kernels,hf,dev
+EXTRAS := jax,bench,checkpoint,kernels,hf,logs,dev
 
 .PHONY: setup demo test test-xla bench clean
 

@@ -27,6 +27,7 @@ from anychip.errors import (
     UnknownBackendError,
     UnsupportedOptimizerError,
 )
+from anychip.metrics_log import MetricsLogger
 from anychip.optim import SGD, AdamW, Constant, WarmupCosine, WarmupLinear
 from anychip.precision import policy
 from anychip.engine import StepOutput
@@ -47,6 +48,7 @@ __all__ = [
     "DistributedError",
     "InvalidArgumentError",
     "LossFunctionError",
+    "MetricsLogger",
     "NonFiniteLossError",
     "SGD",
     "StepOutput",

@@ -106,6 +106,19 @@ def cmd_devices(args) -> int:
 
 # -- train -------------------------------------------------------------------------------------------
 
+PROFILE_WARMUP = 2  # steps before a --profile trace starts: the first ones compile and allocate
+
+
+def run_logger(log_dir: str):
+    """``--log-dir``: a MetricsLogger writing TensorBoard files too where tensorboard is installed."""
+    from anychip.metrics_log import INSTALL, MetricsLogger, tensorboard_available
+
+    tensorboard = tensorboard_available()
+    if not tensorboard:
+        print(f"anychip train: note: tensorboard is not installed, writing metrics.jsonl only ({INSTALL} adds TensorBoard files)",
+              file=sys.stderr)
+    return MetricsLogger(log_dir, tensorboard=tensorboard)
+
 
 def cmd_train(args) -> int:
     from anychip import workloads
@@ -118,16 +131,26 @@ def cmd_train(args) -> int:
     workload = workloads.get(args.workload)
     be = backend(args.backend)
     batch, seq = check_batch_shape(workload, args.batch, args.seq, host_cpu=registration(be.name).host_cpu)
+    if args.profile is not None and args.log_dir is None:
+        raise UsageError(f"--profile {args.profile} needs --log-dir DIR, where the trace is written")
+    if args.profile is not None and args.steps < args.profile + PROFILE_WARMUP:
+        raise UsageError(f"--profile {args.profile} traces {args.profile} steps after {PROFILE_WARMUP} warm-up steps; "
+                         f"use --steps {args.profile + PROFILE_WARMUP} or more")
+    logger = run_logger(args.log_dir) if args.log_dir is not None else None  # the last check: it creates the run directory
     try:
-        return _train(args, workload, be, precision, batch, seq)
+        return _train(args, workload, be, precision, batch, seq, logger)
     except (MemoryError, RuntimeError) as exc:
         if not out_of_memory(exc):
             raise
         raise UsageError(f"--batch {batch} x --seq {seq}: batch too large, out of memory ({one_line(exc)[:200]}); "
                          "use a smaller --batch or --seq") from exc
+    finally:
+        if logger is not None:
+            logger.close()
 
 
-def _train(args, workload, be, precision: str, batch_size: int, seq: int) -> int:
+def _train(args, workload, be, precision: str, batch_size: int, seq: int, logger=None) -> int:
+    from anychip.metrics_log import StepProfiler
     from anychip.optim import AdamW, WarmupCosine
     from anychip.step import TrainStep
 
@@ -141,8 +164,13 @@ def _train(args, workload, be, precision: str, batch_size: int, seq: int) -> int
         precision=precision,
         max_grad_norm=1.0,
         compile=args.compile,
+        logger=logger,
     )
     data = workload.batches(batch_size, seq, seed=args.seed)
+    profiler = None
+    if args.profile is not None and logger.run_dir is not None:  # None on the processes that do not write (rank > 0)
+        jax_like = getattr(be.registration, "engine", None) == "jax"  # jax.profiler sees the jitted step; torch.profiler would not
+        profiler = StepProfiler(logger.run_dir, args.profile, warmup=PROFILE_WARMUP, jax=jax_like, synchronize=step.engine.synchronize)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -156,18 +184,27 @@ def _train(args, workload, be, precision: str, batch_size: int, seq: int) -> int
     )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(f"{workload.name} on {be.name}", total=args.steps, info="")
-        for i in range(args.steps):
-            out = step(next(data))
-            tokens += out.tokens
-            # Reading the loss synchronises; do it only as often as it is shown.
-            if i == 0 or (i + 1) % args.log_every == 0 or i + 1 == args.steps:
-                losses.append((out.step, out.loss))
-                bar.update(task, info=f"loss {out.loss:.4f}  lr {out.lr:.2e}")
-            bar.advance(task)
+        try:
+            for i in range(args.steps):
+                out = step(next(data))
+                if profiler is not None:
+                    profiler.step()
+                tokens += out.tokens
+                # Reading the loss synchronises; do it only as often as it is shown.
+                if i == 0 or (i + 1) % args.log_every == 0 or i + 1 == args.steps:
+                    losses.append((out.step, out.loss))
+                    bar.update(task, info=f"loss {out.loss:.4f}  lr {out.lr:.2e}")
+                bar.advance(task)
+        finally:
+            if profiler is not None:
+                profiler.close()
     step.synchronize()
     elapsed = time.perf_counter() - started
     print(f"{workload.name} on {be.name}: loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f} in {args.steps} steps, "
           f"{tokens / elapsed:,.0f} tokens/s (including compilation)")
+    if logger is not None:
+        traced = f" (trace of steps {PROFILE_WARMUP + 1}-{PROFILE_WARMUP + args.profile})" if profiler else ""
+        print(f"run logs: {logger.run_dir}{traced}")
     return 0
 
 
@@ -195,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=finite_positive_float, default=1e-3)
     p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="write every step's metrics to DIR/version_N/ (metrics.jsonl, TensorBoard files); a new version per run")
+    p.add_argument("--profile", type=positive_int, default=None, metavar="STEPS",
+                   help=f"trace STEPS steps after {PROFILE_WARMUP} warm-ups into the --log-dir run (torch.profiler; jax.profiler on jax:*)")
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the step (default: the backend's choice)"
     )

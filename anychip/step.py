@@ -13,10 +13,13 @@ backends, ``JaxEngine`` for ``jax:*``). One call ``step(batch)`` is one optimize
 
 The returned :class:`anychip.engine.StepOutput` keeps the loss on the device; it is copied to
 the host only when read, so a loop that does not print every step never waits for the device.
+``logger=`` (an :class:`anychip.metrics_log.MetricsLogger`) is handed each step's values one step
+late, for the same reason.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable
 
@@ -26,6 +29,7 @@ from anychip.backends.contract import Backend
 from anychip.batch import check_batch, count_tokens
 from anychip.engine import NONFINITE_POLICIES, PARALLEL_MODES, StepOutput, StepSpec
 from anychip.errors import InvalidArgumentError, LossFunctionError, NonFiniteLossError
+from anychip.metrics_log import LateRecord
 from anychip.optim import AdamW
 from anychip.precision import policy
 from anychip.recompile import ShapeWatch
@@ -61,6 +65,12 @@ class TrainStep:
 
     Arguments are checked here, before any device work; each error says what was wrong and
     how to fix it.
+
+    ``logger``: an object with ``log(record: dict)``, such as ``ac.MetricsLogger("runs/")``. Step
+    N's record (step, loss, grad_norm, lr, lrs, step_time_s, tokens, tokens_per_s, skipped, time)
+    is logged during call N+1, once step N+1 is queued, so logging never waits for the device;
+    the last step's on ``synchronize()`` or the logger's ``flush()`` / ``close()``. ``step_time_s``
+    is the host's view: from the start of one call to the start of the next.
     """
 
     def __init__(
@@ -80,6 +90,7 @@ class TrainStep:
         strict_shapes: bool = False,
         kernels: str = "auto",
         split_batches: bool = True,
+        logger=None,
     ):
         import torch
 
@@ -100,6 +111,10 @@ class TrainStep:
         on_nonfinite = validate.choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES, owner=own)
         parallel = validate.choice("parallel", parallel, PARALLEL_MODES, owner=own)
         kernels = validate.choice("kernels", kernels, ("auto", "reference"), owner=own)
+        if logger is not None and (isinstance(logger, type) or not callable(getattr(logger, "log", None))):
+            raise validate.fail("logger", logger, "an object with a log(record: dict) method, or None",
+                                "e.g. logger=ac.MetricsLogger('runs/')", owner=own)
+        LateRecord.check_open(logger)
         pol = policy(precision)
         if backend is not None and not isinstance(backend, (str, Backend)):
             raise validate.fail("backend", backend, "a backend name such as 'cpu' or 'jax:tpu', an ac.backend(...) or None",
@@ -120,6 +135,7 @@ class TrainStep:
         self.engine = self.backend.make_engine(self.spec)  # an anychip.engine.Engine
         self._shapes = ShapeWatch(strict_shapes, self.backend.name)
         self._processes = self.engine.batch_parts
+        self._late = LateRecord(logger) if logger is not None else None
 
     @property
     def model(self):
@@ -131,9 +147,20 @@ class TrainStep:
         return self.engine.updates
 
     def __call__(self, batch) -> StepOutput:
+        if self._late is not None:
+            return self._logged(batch)
         leaves = check_batch(batch, self.spec.accumulate, self._processes)
         self._shapes.check(leaves)
         return self.engine.step(batch, count_tokens(leaves))
+
+    def _logged(self, batch) -> StepOutput:
+        started, wall = time.perf_counter(), time.time()
+        LateRecord.check_open(self._late.logger)
+        leaves = check_batch(batch, self.spec.accumulate, self._processes)
+        self._shapes.check(leaves)
+        out = self.engine.step(batch, count_tokens(leaves))
+        self._late.push(out, started, wall)  # logs the step before this one, whose device work is done
+        return out
 
     def state_dict(self) -> dict:
         """Backend-neutral training state: CPU tensors keyed by parameter and slot names."""
@@ -143,5 +170,8 @@ class TrainStep:
         self.engine.load_state_dict(state)
 
     def synchronize(self) -> None:
-        """Wait until the last step's work on the device is done (timing, benchmarks)."""
+        """Wait until the last step's work on the device is done (timing, benchmarks); then the
+        logger, if any, gets the last step's record."""
         self.engine.synchronize()
+        if self._late is not None:
+            self._late.settle()
