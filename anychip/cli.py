@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
     # Everything the user typed (and the environment) is checked before anything is built.
     load_plugins()
     precision = policy(args.precision).name
-    workload = workloads.get(args.workload)
+    workload = workloads.get(workloads.with_size(args.workload, args.size))
     be = backend(args.backend)
     batch, seq = check_batch_shape(workload, args.batch, args.seq, host_cpu=registration(be.name).host_cpu)
     if args.profile is not None and args.log_dir is None:
@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("train", help="train a built-in workload and show the loss")
-    p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory")
+    p.add_argument("--workload", default="gpt-tiny",
+                   help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small, hf:<model_type> (llama, gpt2, qwen2, mistral, bert) or "
+                   "pkg.module:factory")
+    p.add_argument("--size", default=None, help="size of an hf:<model_type> workload: tiny (default) or small")
     p.add_argument("--backend", default=None, help="backend name (default: $ANYCHIP_BACKEND, else auto-detect)")
     p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: the workload's)")

@@ -223,3 +223,20 @@ def test_missing_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
     with pytest.raises(ImportError, match=r"need transformers: pip install 'anychip\[hf\]'$"):
         hf.hf_workload("llama")
+
+
+def test_train_takes_an_hf_workload_and_its_size():
+    """``anychip train --workload hf:<type> --size tiny`` trains it; a size for a built-in is refused."""
+    import contextlib
+    import io
+
+    from anychip.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(err):
+        code = main(["train", "--workload", "hf:gpt2", "--size", "tiny", "--steps", "2", "--backend", "cpu"])
+    assert code == 0, err.getvalue()
+    assert "hf:gpt2-tiny on cpu" in out.getvalue()
+    with contextlib.redirect_stderr(err):
+        assert main(["train", "--workload", "gpt-tiny", "--size", "small"]) == 2
+    assert "--size applies to hf:" in err.getvalue()
