@@ -1,4 +1,4 @@
-"""The arguments of ``anychip bench`` and ``anychip bench compare``: their parsers and the value
+"""The arguments of ``anychip bench``, ``bench compare`` and ``bench show``: their parsers and the value
 types that turn a bad value into argparse's one-line error (exit status 2)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 import math
 
 from anychip.bench.cli import cmd_bench
+from anychip.bench.show import cmd_show
 from anychip.cliargs import add_debug_flag, check_batch_shape, finite_positive_float, nonnegative_float, positive_int, random_seed
 
 
@@ -101,7 +102,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results (versioned schema)")
     p.add_argument("--csv", metavar="PATH", help="write one CSV line per backend")
     p.add_argument("--md", metavar="PATH", help="write a Markdown table")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG: tokens/s with MFU, and loss curves")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG: throughput, MFU, memory, cost, loss curves and loss differences")
+    p.add_argument("--wide", action="store_true", help="every column (device, compile time, spreads, samples/s, final loss, versions)")
     p.add_argument(
         "--price",
         type=_price,
@@ -138,7 +140,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--print-schema", action="store_true", help="print the JSON schema of --json and exit")
     add_debug_flag(p)
-    sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
+    sub = p.add_subparsers(dest="bench_command", metavar="{compare,show}")
     # add_subparsers builds with the parent's class: anychip.cliargs.Parser, whose errors are one line.
     c = sub.add_parser("compare", help="compare two --json results: B / A per backend")
     c.add_argument("a", metavar="A.json")
@@ -151,6 +153,15 @@ def register(subparsers) -> None:
         help="exit 1 when a ratio is worse than this (default 0.05)",
     )
     add_debug_flag(c)
+    # SUPPRESS: a flag given before "show" (anychip bench --wide show RUN.json) is not reset by the sub-command's default.
+    s = sub.add_parser("show", help="print a saved --json result again and write its Markdown, CSV or plot; runs nothing")
+    s.add_argument("run", metavar="RUN.json")
+    s.add_argument("--md", metavar="PATH", default=argparse.SUPPRESS, help="write a Markdown table")
+    s.add_argument("--csv", metavar="PATH", default=argparse.SUPPRESS, help="write one CSV line per row")
+    s.add_argument("--plot", metavar="PATH", default=argparse.SUPPRESS, help="write the PNG --plot writes")
+    s.add_argument("--wide", action="store_true", default=argparse.SUPPRESS, help="every column")
+    add_debug_flag(s)
+    s.set_defaults(func=cmd_show)
     p.set_defaults(func=_checked_bench)
 
 

@@ -119,14 +119,13 @@ def test_terminal_table_lists_every_row_and_failure_reasons():
 def test_plot_has_one_bar_and_one_loss_line_per_backend(tmp_path):
     doc = _doc()
     fig = report.figure(doc)
-    bars_ax, loss_ax = fig.axes
-    bars = bars_ax.patches
-    assert [round(b.get_height(), 6) for b in bars] == [2000.0, 1000.0, 0.0]
+    bars_ax, loss_ax = fig.axes[0], fig.axes[4]  # throughput and loss; tests/bench/test_bench_plot.py checks every panel
+    assert [round(b.get_height(), 6) for b in bars_ax.patches] == [2000.0, 1000.0, 0.0]
     assert [t.get_text() for t in bars_ax.get_xticklabels()] == ["cpu", "jax:cpu", "fake-crash"]
-    labels = [t.get_text() for t in bars_ax.texts]
-    assert labels == ["MFU 25.0%", "MFU n/a", "crashed"]
-    lines = loss_ax.get_lines()
-    assert [line.get_label() for line in lines] == ["cpu", "jax:cpu"]  # the crashed row recorded no loss
+    assert [t.get_text() for t in bars_ax.texts] == ["2,000", "1,000", "crashed"]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["25.0%", "n/a: no peak", "crashed"]  # MFU
+    lines = [line for line in loss_ax.get_lines()]
+    assert [line.get_label() for line in lines] == ["cpu (reference)", "jax:cpu"]  # the crashed row recorded no loss
     assert list(lines[0].get_ydata()) == [3.0, 2.0, 1.5, 1.2]
     assert list(lines[1].get_xdata()) == [1, 2, 3, 4]
 
@@ -138,7 +137,7 @@ def test_plot_has_one_bar_and_one_loss_line_per_backend(tmp_path):
 
     with Image.open(path) as img:
         img.load()  # decodes the whole file
-        assert img.size == (1200, 450)  # figsize 12 x 4.5 in at 100 dpi
+        assert img.size == (1600, 900)  # figsize 16 x 9 in at 100 dpi
 
 
 # -- compare --------------------------------------------------------------------------------
@@ -216,7 +215,7 @@ def test_scaling_rows_in_the_table_csv_and_markdown(tmp_path):
     assert cpu2["scaling_efficiency"] == pytest.approx(3000 / (2 * 2000))
     assert cpu2["parity"]["reference"] == "cpu (nproc 2)"  # not compared with the 1-process rows
     console = Console(record=True, width=300)
-    report.print_table(doc, console)
+    report.print_table(doc, console, wide=True)  # the process count and scaling efficiency are --wide columns
     text = console.export_text()
     header = next(line for line in text.splitlines() if "backend" in line)
     assert "procs" in header and "scaling eff." in header
@@ -227,8 +226,8 @@ def test_scaling_rows_in_the_table_csv_and_markdown(tmp_path):
     assert "fake-accel (nproc 2): crashed: exited with status 1" in text
     assert "jax:cpu: one process only: --nproc launches torch backends through torchrun" in text
     assert "batch per process 2 x seq 500, 1,2 process(es) (ddp)" in text
-    cells = [c.strip() for c in next(line for line in text.splitlines() if "2 ddp" in line).split("│")]
-    assert "75%" in cells and "reference" in cells
+    cells = next(line for line in text.splitlines() if "2 ddp" in line).split()
+    assert "75.0%" in cells and "reference" in cells
 
     report.write_csv(doc, str(tmp_path / "r.csv"))
     with open(tmp_path / "r.csv") as fh:
@@ -237,7 +236,9 @@ def test_scaling_rows_in_the_table_csv_and_markdown(tmp_path):
         ("cpu", "1", "", ""), ("cpu", "2", "ddp", "1"), ("fake-accel", "1", "", ""), ("fake-accel", "2", "ddp", "")]
     assert float(records[1]["scaling_efficiency"]) == pytest.approx(0.75) and records[0]["scaling_efficiency"] == ""
     md = report.markdown(doc)
-    assert "| backend | procs | status |" in md and "| cpu | 2 ddp | ok |" in md and "| 75% |" in md
+    assert "| backend | status | step ms |" in md and "| cpu (nproc 2) | ok | 666.67 |" in md
+    wide = report.markdown(doc, wide=True)
+    assert "| backend | procs | status |" in wide and "| cpu (nproc 2) | 2 ddp | ok |" in wide and "| 75.0% |" in wide
 
 
 def test_a_one_process_run_keeps_its_table():
@@ -247,7 +248,8 @@ def test_a_one_process_run_keeps_its_table():
     report.print_table(_doc(), console)
     text = console.export_text()
     assert "procs" not in text and "scaling" not in text
-    assert "| backend | status | device |" in report.markdown(_doc())
+    assert "| backend | status | step ms |" in report.markdown(_doc())
+    assert "| backend | status | device |" in report.markdown(_doc(), wide=True)
 
 
 def test_documents_from_before_nproc_still_load_and_compare(tmp_path):
