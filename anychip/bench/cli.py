@@ -2,8 +2,11 @@
 
 Every argument is checked before the first backend starts: a bad value ends the command with
 one line on stderr and exit status 2. After the run: status 0 when every requested backend
-finished, 1 when one failed (crash, error, timeout; or unavailable although named), 130 after
-Ctrl-C (the finished rows are still printed and written).
+finished, 1 when one failed (crash, error, timeout, a malformed event; or unavailable although
+named), 128 + the signal after a stop request: 130 after Ctrl-C (SIGINT), 143 after SIGTERM,
+129 after SIGHUP. A stop request stops the row in flight and every process it started, marks it
+and the rows never started "interrupted", and still prints and writes the rows that finished;
+further signals during that clean-up are recorded, not obeyed (:mod:`anychip.bench.interrupts`).
 
 Defaults, chosen so that ``anychip bench`` with no arguments is a one-minute smoke run on a
 laptop and a real comparison on an accelerator machine:
@@ -33,7 +36,7 @@ import json
 import os
 import sys
 
-from anychip.bench import plan
+from anychip.bench import interrupts, plan
 from anychip.cliargs import UsageError
 
 
@@ -120,16 +123,39 @@ def cmd_bench(args) -> int:
         "parallel": parallel,
         "one_process_backends": one_process,
     }
-    rows, interrupted = _run_rows(args, row_plan, config, price_overrides, peak_tflops)
-    metrics.add_parity(rows, tolerance)
-    metrics.add_scaling(rows)
-    doc = report.document(command=_command(args, config), started_at=started_at, config=config, rows=rows, interrupted=interrupted)
-    invalid = schema.validate(doc)
-    if invalid:  # a bug in anychip, not in the input: still write what was measured
-        print(f"anychip bench: warning: the results do not match schema {schema.SCHEMA_VERSION}: {invalid[0]}", file=sys.stderr)
+    rows = _planned_rows(row_plan, precision, config["parallel"])
+    with interrupts.Interrupts() as stop:
+        interrupted = False
+        try:
+            _run_rows(args, rows, config, price_overrides, peak_tflops)
+            stop.hold()  # every row is done: a stop request now changes the exit status only
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: the handlers record any further one
+            interrupted = True
+            _mark_interrupted(rows, stop.reason())
+        metrics.add_parity(rows, tolerance)
+        metrics.add_scaling(rows)
+        doc = report.document(command=_command(args, config), started_at=started_at, config=config, rows=rows, interrupted=interrupted)
+        invalid = schema.validate(doc)
+        if invalid:  # a bug in anychip, not in the input: still write what was measured
+            print(f"anychip bench: warning: the results do not match schema {schema.SCHEMA_VERSION}: {invalid[0]}", file=sys.stderr)
+        try:
+            report.print_table(doc, wide=getattr(args, "wide", False))
+        except OSError as exc:  # stdout closed (a pipe whose reader left): the files still get written
+            print(f"anychip bench: warning: cannot print the table: {exc.strerror or exc}", file=sys.stderr)
+        failed_writes = _write_outputs(args, doc)
+    if interrupted or stop.received:
+        return stop.exit_code()  # 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP)
+    tolerated = {"unavailable"} if chosen_by == "all" else set()
+    bad = [r for r in rows if r["status"] != "ok" and r["status"] not in tolerated]
+    return 1 if bad or failed_writes or invalid else 0
 
-    report.print_table(doc)
-    failed_writes = 0
+
+def _write_outputs(args, doc) -> int:
+    """Write every requested file, each on its own (one that fails does not stop the others);
+    the number that failed."""
+    from anychip.bench import report
+
+    failed = 0
     for flag, path, write in (
         ("--json", args.json, report.write_json),
         ("--csv", args.csv, report.write_csv),
@@ -140,14 +166,10 @@ def cmd_bench(args) -> int:
             try:
                 write(doc, path)
                 print(f"wrote {path}", file=sys.stderr)
-            except OSError as exc:
-                failed_writes += 1
-                print(f"anychip bench: error: {flag} {path}: {exc.strerror or exc}", file=sys.stderr)
-    if interrupted:
-        return 130
-    tolerated = {"unavailable"} if chosen_by == "all" else set()
-    bad = [r for r in rows if r["status"] != "ok" and r["status"] not in tolerated]
-    return 1 if bad or failed_writes or invalid else 0
+            except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold
+                failed += 1
+                print(f"anychip bench: error: {flag} {path}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+    return failed
 
 
 def _command(args, config) -> list[str]:
@@ -168,23 +190,45 @@ def _command(args, config) -> list[str]:
     return cmd
 
 
-def _run_rows(args, row_plan, config, price_overrides, peak_tflops) -> tuple[list[dict], bool]:
-    """Run every planned row (a backend at a process count) in turn under a live progress display."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _planned_rows(row_plan, precision: str, parallel: str | None) -> list[dict]:
+    """One row per planned (backend, process count): "skipped" until it runs, or "unavailable"."""
+    from anychip.bench import metrics
 
-    from anychip.bench import metrics, supervise
-    from anychip.bench.measure import RunSpec
-
-    precision = config["precision"]
     rows = []
     for name, avail, nproc in row_plan:
-        shape = {"world_size": nproc, "parallel": config["parallel"] if nproc > 1 else None}
+        shape = {"world_size": nproc, "parallel": parallel if nproc > 1 else None}
         if avail.available:
             rows.append(metrics.empty_row(name, "skipped", "not run", precision, **shape))
         else:
             fix = f" (install: {avail.install})" if avail.install else ""
             rows.append(metrics.empty_row(name, "unavailable", f"{avail.reason}{fix}", precision, **shape))
+    return rows
+
+
+def _mark_interrupted(rows: list[dict], reason: str) -> None:
+    """After a stop request: the row in flight (its child already stopped) and the rows never
+    started say so; every finished row stays as it is."""
+    from anychip.bench import metrics
+
+    for row in rows:
+        if row["status"] == "running":
+            row.update(metrics.empty_row(row["backend"], "interrupted", f"interrupted ({reason}); the backend was stopped",
+                                         row["precision"], world_size=row["world_size"], parallel=row["parallel"]))
+        elif row["status"] == "skipped":
+            row["error"] = f"not run: interrupted ({reason})"
+
+
+def _run_rows(args, rows, config, price_overrides, peak_tflops) -> None:
+    """Run every planned row (a backend at a process count) in turn under a live progress
+    display, filling ``rows`` in place: a KeyboardInterrupt leaves the finished ones filled and
+    the one in flight with status "running"."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from anychip.bench import metrics, processes, supervise
+    from anychip.bench.measure import RunSpec
+
+    precision = config["precision"]
     total = args.warmup + args.steps
     columns = (
         TextColumn("[bold]{task.fields[backend]:<16}"),
@@ -193,30 +237,33 @@ def _run_rows(args, row_plan, config, price_overrides, peak_tflops) -> tuple[lis
         TextColumn("{task.fields[phase]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=False, refresh_per_second=4) as progress:
-        tasks = [
-            progress.add_task(
-                "",
-                total=total,
-                start=False,
-                backend=metrics.row_label(row),
-                phase="waiting" if row["status"] == "skipped" else "unavailable",
-            )
-            for row in rows
-        ]
-        current = None
+    # Subreaper: whatever a row starts stays this process's descendant, so the sweep after each
+    # row, and the one here after the last (or after an interrupt that came between two steps of
+    # supervise's own clean-up), leaves nothing of the run behind.
+    with processes.subreaper(), Progress(*columns, console=Console(stderr=True), transient=False, refresh_per_second=4) as progress:
+        before = processes.children()
         try:
+            tasks = [
+                progress.add_task(
+                    "",
+                    total=total,
+                    start=False,
+                    backend=metrics.row_label(row),
+                    phase="waiting" if row["status"] == "skipped" else "unavailable",
+                )
+                for row in rows
+            ]
             for row, task in zip(rows, tasks):
                 if row["status"] != "skipped":
                     continue
-                current = row
+                row["status"] = "running"
                 progress.start_task(task)
                 progress.update(task, phase="starting")
 
-                def on_event(event, task=task):
-                    kind = event.get("event")
+                def on_event(event, task=task):  # only events that passed events.parse
+                    kind = event["event"]
                     if kind == "ready":
-                        progress.update(task, phase=f"warm-up on {event.get('device_kind') or '?'} (compiling)")
+                        progress.update(task, phase=f"warm-up on {event['device_kind'] or '?'} (compiling)")
                     elif kind == "step" and event["phase"] == "warmup":
                         progress.update(task, completed=event["done"], phase=f"warm-up {event['done']}/{event['total']}")
                     elif kind == "step":
@@ -230,9 +277,8 @@ def _run_rows(args, row_plan, config, price_overrides, peak_tflops) -> tuple[lis
                 outcome = supervise.run_backend(spec, args.timeout, on_event)
                 row.update(status=outcome.status, error=outcome.error, startup_s=outcome.startup_s, wall_s=outcome.wall_s)
                 if outcome.ready:
-                    row.update(device_kind=outcome.ready.get("device_kind") or "", devices=outcome.ready.get("devices"),
-                               versions={k: str(v) for k, v in (outcome.ready.get("versions") or {}).items()},
-                               layout=outcome.ready.get("layout"))
+                    row.update(device_kind=outcome.ready["device_kind"] or "", devices=outcome.ready["devices"],
+                               versions=dict(outcome.ready["versions"]), layout=outcome.ready["layout"])
                 if outcome.status == "ok":
                     metrics.finish_row(row, outcome.measured, warmup=args.warmup, price_overrides=price_overrides, peak_tflops=peak_tflops)
                     progress.update(task, completed=total, phase=f"[green]done[/] {row['tokens_per_s']:,.0f} tokens/s")
@@ -240,26 +286,8 @@ def _run_rows(args, row_plan, config, price_overrides, peak_tflops) -> tuple[lis
                     row["log_tail"] = outcome.log_tail
                     progress.update(task, phase=f"[red]{outcome.status}")
                 progress.stop_task(task)
-                current = None
-        except KeyboardInterrupt:
-            # Ctrl-C: run_backend has already killed the child. Keep every finished row, mark the
-            # one in flight and the ones never started, and let the caller write the outputs.
-            if current is not None:
-                current.update(
-                    metrics.empty_row(
-                        current["backend"],
-                        "interrupted",
-                        "interrupted (Ctrl-C); the backend was stopped",
-                        precision,
-                        world_size=current["world_size"],
-                        parallel=current["parallel"],
-                    )
-                )
-            for row in rows:
-                if row["status"] == "skipped":
-                    row["error"] = "not run: interrupted (Ctrl-C)"
-            return rows, True
-    return rows, False
+        finally:
+            processes.sweep(before)
 
 
 def cmd_compare(args) -> int:

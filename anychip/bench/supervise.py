@@ -10,14 +10,14 @@ process it started (each child leads its own session, so a terminal Ctrl-C reach
 parent, which stops the child itself and still writes the rows that finished).
 
 Events arrive on a UNIX socket in a private temporary directory (mode 0700: only this user can
-connect); stdout and stderr (torchrun's and every rank's) go to a log whose tail explains a
-crash.
+connect), each checked by :func:`anychip.bench.events.parse` before it is read; stdout and
+stderr (torchrun's and every rank's) go to a log whose tail explains a crash. When a row ends,
+however it ends, every process it started goes with it (:mod:`anychip.bench.processes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import select
 import signal
@@ -30,9 +30,12 @@ import uuid
 from typing import Callable
 
 from anychip.backends import load_plugins
+from anychip.bench import events, processes
 from anychip.bench.measure import BENCH_PID_ENV, RunSpec
 
 LOG_TAIL_LINES = 15
+LOG_TAIL_BYTES = 64 << 10
+LOG_LINE_CHARS = 1000
 # The directory that holds the anychip package: children import this anychip, not another one.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,6 +62,7 @@ LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RAN
 # Every process of one row carries RUN_ENV=<token> in its environment, so a timeout can find
 # and kill all of them: torchrun starts each worker in a session of its own, out of reach of
 # the launcher's process group (torch/distributed/elastic/multiprocessing/subprocess_handler).
+# A process that drops its environment is still found as an orphan of this one (processes.sweep).
 RUN_ENV = "ANYCHIP_BENCH_RUN"
 
 
@@ -78,34 +82,13 @@ def _child_env(token: str, nproc: int = 1) -> dict[str, str]:
     return env
 
 
-def _processes_of(token: str) -> list[int]:
-    """Pids of the processes whose environment carries this row's token (Linux ``/proc``; an
-    empty list elsewhere, where the process group and the children's parent watch remain)."""
-    needle = f"{RUN_ENV}={token}".encode()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:  # gone, or another user's
-            continue
-    return found
-
-
 def _kill_all(proc: subprocess.Popen, token: str) -> None:
     """SIGKILL the child's process group and the group of every process of this row (torchrun
     workers and whatever they started), never this process's own group."""
     own = os.getpgrp()
     groups = {proc.pid}
     for _ in range(3):  # again, for anything started while the first pass ran
-        pids = _processes_of(token)
+        pids = processes.with_env(f"{RUN_ENV}={token}")
         for pid in pids:
             try:
                 groups.add(os.getpgid(pid))
@@ -127,9 +110,13 @@ def _kill(proc: subprocess.Popen, token: str) -> None:
 
 
 def _tail(log) -> list[str]:
-    log.seek(0)
+    """The last lines of the row's log, read from its end: a worker may have written gigabytes,
+    or one endless line of binary garbage."""
+    size = log.seek(0, os.SEEK_END)
+    log.seek(max(0, size - LOG_TAIL_BYTES))
     lines = log.read().decode("utf-8", "replace").splitlines()
-    return [line for line in lines if line.strip()][-LOG_TAIL_LINES:]
+    lines = [line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + "..." for line in lines if line.strip()]
+    return lines[-LOG_TAIL_LINES:]
 
 
 def _describe_exit(code: int, nproc: int = 1) -> str:
@@ -145,10 +132,10 @@ def _describe_exit(code: int, nproc: int = 1) -> str:
     return f"exited with status {code}"
 
 
-def launch_command(spec: RunSpec, events: str) -> list[str]:
+def launch_command(spec: RunSpec, events_path: str) -> list[str]:
     """The command of one row: the measuring child, under torchrun when ``spec.nproc`` > 1
     (``--standalone``: a rendezvous on this host at a free port, so rows never collide)."""
-    child = ["-m", "anychip.bench.measure", "--spec", spec.to_json(), "--events", events]
+    child = ["-m", "anychip.bench.measure", "--spec", spec.to_json(), "--events", events_path]
     if spec.nproc == 1:
         return [sys.executable, *child]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(spec.nproc), *child]
@@ -163,7 +150,8 @@ def _socket_dir() -> str | None:
 def run_backend(spec: RunSpec, timeout: float, on_event: Callable[[dict], None] = lambda e: None) -> Outcome:
     """Run one row in a fresh process (a torchrun launch when ``spec.nproc`` > 1); never raises
     for the child's sake (KeyboardInterrupt excepted: the child is killed first, then it
-    propagates)."""
+    propagates). ``on_event`` sees only events that passed :func:`events.parse`; a malformed one
+    fails the row (status "failed") and kills the child."""
     with tempfile.TemporaryDirectory(prefix="anychip-bench-", dir=_socket_dir()) as tmp:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -175,10 +163,46 @@ def run_backend(spec: RunSpec, timeout: float, on_event: Callable[[dict], None] 
             listener.close()
 
 
+def _excerpt(line: bytes) -> str:
+    return repr(line[:48]) + ("..." if len(line) > 48 else "")
+
+
+class _Watch:
+    """What one row's events said so far. Each line is checked (:func:`events.parse`) before
+    anything reads it, the caller's ``on_event`` included."""
+
+    def __init__(self, started: float, on_event: Callable[[dict], None]):
+        self.started = started
+        self.on_event = on_event
+        self.outcome = Outcome("crashed")
+        self.last_step = "start-up"
+
+    def take(self, line: bytes) -> str | None:
+        """Record one event line; a reason (one line) when it is malformed."""
+        event, problem = events.parse(line)
+        if problem is not None:
+            return f"{problem}: {_excerpt(line)}"
+        kind = event["event"]
+        if kind == "ready":
+            self.outcome.ready = event
+            self.outcome.startup_s = time.perf_counter() - self.started
+            self.last_step = "backend ready, before the first step"
+        elif kind == "step":
+            self.last_step = f"{'warm-up' if event['phase'] == 'warmup' else 'timed'} step {event['done']}/{event['total']} done"
+        elif kind == "result":
+            self.outcome.measured = event["row"]
+        else:  # error
+            lines = [s.strip() for s in event["error"].splitlines() if s.strip()]
+            self.outcome.error = lines[0] if lines else "the worker reported an error without a message"
+        self.on_event(event)
+        return None
+
+
 def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path: str) -> Outcome:
     log = tempfile.TemporaryFile()
     started = time.perf_counter()
     token = uuid.uuid4().hex
+    before = processes.children()  # not this row's: the sweep at its end leaves them alone
     try:
         proc = subprocess.Popen(
             launch_command(spec, path), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -188,29 +212,9 @@ def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path:
         log.close()
         return Outcome("failed", error=f"cannot start {sys.executable}: {exc}")
     conn = None  # rank 0's connection, once it made it
-    outcome = Outcome("crashed")
-    last_step = "start-up"
+    watch = _Watch(started, on_event)
+    outcome = watch.outcome
     buffer = b""
-
-    def handle(line: bytes) -> None:
-        nonlocal last_step
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return
-        kind = event.get("event")
-        if kind == "ready":
-            outcome.ready = event
-            outcome.startup_s = time.perf_counter() - started
-            last_step = "backend ready, before the first step"
-        elif kind == "step":
-            last_step = f"{'warm-up' if event['phase'] == 'warmup' else 'timed'} step {event['done']}/{event['total']} done"
-        elif kind == "result":
-            outcome.measured = event["row"]
-        elif kind == "error":
-            outcome.error = event.get("error")
-        on_event(event)
-
     try:
         with log:
             eof = False
@@ -219,7 +223,7 @@ def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path:
                 if remaining <= 0:
                     _kill(proc, token)
                     outcome.status = "timeout"
-                    outcome.error = f"no result within --timeout {timeout:g} s, killed (last progress: {last_step})"
+                    outcome.error = f"no result within --timeout {timeout:g} s, killed (last progress: {watch.last_step})"
                     outcome.log_tail = _tail(log)
                     break
                 readable, _, _ = select.select([conn or listener], [], [], min(remaining, 0.25))
@@ -228,10 +232,16 @@ def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path:
                 elif readable:
                     chunk = conn.recv(1 << 16)
                     eof = not chunk
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        handle(line)
+                    *lines, buffer = (buffer + chunk).split(b"\n")
+                    bad = next((reason for reason in map(watch.take, lines) if reason), None)  # stops at the first
+                    if bad is None and len(buffer) > events.MAX_LINE:
+                        bad = f"a line of over {events.MAX_LINE} bytes: {_excerpt(buffer)}"
+                    if bad is not None:  # nothing it says can be trusted any more: the row fails, the run goes on
+                        _kill(proc, token)
+                        outcome.status = "failed"
+                        outcome.error = f"malformed event from the worker, killed: {bad}"
+                        outcome.log_tail = _tail(log)
+                        break
                 elif proc.poll() is not None:
                     eof = True  # exited (before connecting, or a grandchild holds the socket): nothing more will come
             else:
@@ -240,22 +250,26 @@ def _run(spec: RunSpec, timeout: float, on_event, listener: socket.socket, path:
                 except subprocess.TimeoutExpired:
                     _kill(proc, token)
                     outcome.exit_code = proc.returncode
-                # Helpers may be left (compile workers, torchrun workers): they go with the row.
-                _kill_all(proc, token)
                 if outcome.measured is not None:
                     outcome.status = "ok"
                 elif outcome.error is not None:
                     outcome.status = "failed"
                 else:
                     outcome.status = "crashed"
-                    outcome.error = f"{_describe_exit(outcome.exit_code, spec.nproc)} (last progress: {last_step})"
+                    outcome.error = f"{_describe_exit(outcome.exit_code, spec.nproc)} (last progress: {watch.last_step})"
                 if outcome.status != "ok":
                     outcome.log_tail = _tail(log)
-    except KeyboardInterrupt:
-        _kill(proc, token)
-        raise
     finally:
+        # Also on KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the bench's CLI):
+        # the child is killed first, then the exception propagates.
         if conn is not None:
             conn.close()
+        if proc.poll() is None:
+            _kill(proc, token)
+        # Helpers may be left (compile workers, torchrun workers, a process in a session of its
+        # own): they go with the row, found as the token's carriers and as orphans re-parented
+        # to this process (the bench's CLI makes it a subreaper).
+        _kill_all(proc, token)
+        processes.sweep(before, f"{RUN_ENV}={token}")
         outcome.wall_s = time.perf_counter() - started
     return outcome
