@@ -3,8 +3,10 @@ step by step, so a move between chips can be gated in CI.
 
 Each backend runs in its own subprocess (``python -m anychip.parity --worker ...``): the
 backends never share a process, a global setting or an allocator, which is how a user runs
-them too. The first backend named is the reference; every other one must stay within
-``--rtol`` of it at every step (``|loss - ref| / |ref|``; a non-finite loss never matches).
+them too. The reference is ``--reference`` (default: ``cpu`` when it is compared, else the first
+backend named); every other one must stay within ``--rtol`` of it at every step
+(``|loss - ref| / |ref|``; a non-finite loss never matches). ``anychip bench`` judges its loss
+parity by the same rule, reference and per-precision tolerances (:data:`RTOL`).
 
 Exit status: 0 when every step of every backend matches, 1 on a mismatch (or a worker that
 failed), 2 on bad input, reported before anything runs.
@@ -35,6 +37,41 @@ from anychip.cliargs import (
     run_command,
 )
 from anychip.errors import BackendError
+
+# Default relative loss tolerance per precision, for `anychip parity` and `anychip bench` alike,
+# with a margin over the largest per-step difference measured between backends (gpt-tiny,
+# jax:cpu vs cpu, this command, over 20 / 255 steps: 255 is a default bench's 5 + 5 x 50).
+# fp32 differs in reduction order only: 1.9e-7 / 2.8e-7 (tests/test_jax_parity.py: <= 2e-7 over
+# 10 steps; the conformance suite bounds jax:cpu and neuron-xla at 1e-5); 1e-3 leaves room for GPU
+# kernels that sum in other orders. bf16 autocast rounds every matmul input to 8 bits of
+# mantissa: 2.9e-5 / 4.8e-4 (tests/test_precision_parity.py: 1.7e-5..9.3e-5 over 10 steps), and
+# 1.6e-2 on GPT-2 small on an H100 (cuda vs jax:gpu, 45 steps). bf16-pure keeps weights and
+# optimizer state in bf16 too: 7.8e-5 / 2.3e-3, and within 2e-2 after 4 mlp steps (tests/test_jax_step.py).
+RTOL = {"fp32": 1e-3, "bf16": 3e-2, "bf16-pure": 6e-2}
+
+
+def default_rtol(precision: str) -> float:
+    """The tolerance of a comparison at ``precision`` (a policy name) when none is given."""
+    return RTOL.get(precision, RTOL["fp32"])
+
+
+def default_reference(names: list[str]) -> str:
+    """The backend every other one is compared with: ``cpu`` (plain PyTorch, the specification
+    the other stacks are held to) when it is among ``names``, else the first of them."""
+    if not names:
+        raise ValueError("no backend to take as the parity reference")
+    return "cpu" if "cpu" in names else names[0]
+
+
+def check_reference(reference: str | None, names: list[str], flag: str = "--reference") -> str:
+    """``reference`` (case-insensitive) when it is one of ``names``, :func:`default_reference`
+    when it is None; ValueError (one line) otherwise."""
+    if reference is None:
+        return default_reference(names)
+    name = reference.strip().lower()
+    if name not in names:
+        raise ValueError(f"{flag} {reference}: not among the backends compared ({', '.join(names)})")
+    return name
 
 # -- one backend (the worker) --------------------------------------------------------------------
 
@@ -159,6 +196,8 @@ def cmd_parity(args) -> int:
     names = _backend_names(args.backends)
     w = workloads.get(args.workload)
     precision = policy(args.precision).name
+    reference = check_reference(args.reference, names)
+    rtol = args.rtol if args.rtol is not None else default_rtol(precision)
     # The workers run one after the other; one on the host CPU keeps its activations in host memory.
     check_batch_shape(w, args.batch, args.seq, host_cpu=any(registration(n).host_cpu for n in names))
     if args.json and not Path(args.json).absolute().parent.is_dir():
@@ -186,25 +225,24 @@ def cmd_parity(args) -> int:
             workers[name] = json.loads(result_file.read_text())
             losses[name] = workers[name]["losses"]
 
-    reference = names[0]
-    result = compare(losses, reference, args.rtol)
-    print(format_table(losses, reference, result, args.rtol))
+    result = compare(losses, reference, rtol)
+    print(format_table(losses, reference, result, rtol))
     ok = True
     for name, r in result.items():
         worst = max(r["rel_diff"], default=0.0)
         if r["first_mismatch"] is None:
-            print(f"{name}: all {len(losses[name])} steps within rtol {args.rtol:g} of {reference} (max rel diff {worst:.2e})")
+            print(f"{name}: all {len(losses[name])} steps within rtol {rtol:g} of {reference} (max rel diff {worst:.2e})")
         else:
             ok = False
             first = r["first_mismatch"]
             d = r["rel_diff"][first - 1] if first - 1 < len(r["rel_diff"]) else math.inf
-            print(f"{name}: first mismatch at step {first} (rel diff {d:.2e} > rtol {args.rtol:g}); "
+            print(f"{name}: first mismatch at step {first} (rel diff {d:.2e} > rtol {rtol:g}); "
                   f"{r['mismatches']} of {len(losses[reference])} steps outside the tolerance")
     print("parity: OK" if ok else "parity: MISMATCH")
     if args.json:
         report = {
             "workload": w.name, "backends": names, "reference": reference, "steps": args.steps,
-            "precision": precision, "rtol": args.rtol, "seed": args.seed, "ok": ok,
+            "precision": precision, "rtol": rtol, "seed": args.seed, "ok": ok,
             "losses": losses,
             "rel_diff": {n: [d if math.isfinite(d) else None for d in r["rel_diff"]] for n, r in result.items()},
             "first_mismatch": {n: r["first_mismatch"] for n, r in result.items()},
@@ -218,10 +256,13 @@ def register(subparsers) -> None:
     """Add ``anychip parity`` to the CLI (called by :func:`anychip.cli.build_parser`)."""
     p = subparsers.add_parser("parity", help="train on several backends and compare the loss step by step")
     p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small or pkg.module:factory")
-    p.add_argument("--backends", default="cpu,jax:cpu", help="comma-separated; the first is the reference (default: cpu,jax:cpu)")
+    p.add_argument("--backends", default="cpu,jax:cpu", help="comma-separated backends to compare (default: cpu,jax:cpu)")
+    p.add_argument("--reference", default=None, metavar="BACKEND",
+                   help="the backend the others are compared with (default: cpu when compared, else the first of --backends)")
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or bf16-pure")
-    p.add_argument("--rtol", type=finite_positive_float, default=1e-5, help="largest relative loss difference per step")
+    p.add_argument("--rtol", type=finite_positive_float, default=None, metavar="REL",
+                   help="largest relative loss difference per step (default: " + ", ".join(f"{v:g} {k}" for k, v in RTOL.items()) + ")")
     p.add_argument("--batch", type=positive_int, default=None)
     p.add_argument("--seq", type=positive_int, default=None)
     p.add_argument("--seed", type=random_seed, default=0)

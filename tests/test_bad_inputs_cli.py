@@ -143,7 +143,7 @@ CASES = [
     ("compare-not-json", ["bench", "compare", "{tmp}/not_json.json", "{tmp}/not_json.json"], {}, "not_json.json is not JSON"),
     ("compare-not-a-result", ["bench", "compare", "{tmp}/not_a_result.json", "{tmp}/not_a_result.json"], {},
      "not_a_result.json is not an anychip bench result"),
-    ("compare-a-directory", ["bench", "compare", "{tmp}", "{tmp}"], {}, "cannot read"),
+    ("compare-a-directory", ["bench", "compare", "{tmp}", "{tmp}"], {}, "is a directory, not a bench result"),
     ("compare-one-file", ["bench", "compare", "{tmp}/a.json"], {}, "B.json"),
     ("compare-max-regression-negative", ["bench", "compare", "a.json", "b.json", "--max-regression=-0.1"], {},
      "--max-regression: must be a finite number >= 0"),

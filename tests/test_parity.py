@@ -17,7 +17,7 @@ import pytest
 
 from anychip.backends import unregister
 from anychip.cli import main
-from anychip.parity import compare
+from anychip.parity import RTOL, check_reference, compare, default_reference, default_rtol
 from support import requires
 
 PLUGIN_NAME = "anychip_parity_test_plugin"
@@ -138,7 +138,8 @@ def test_compare_finds_the_first_step_out_of_tolerance():
 
 def test_perturbed_backend_is_caught_at_step_7(plugin_dir, tmp_path):
     report = tmp_path / "parity.json"
-    out = parity(plugin_dir, "--workload", WORKLOAD, "--backends", "cpu,cpu-perturbed", "--steps", "10", "--json", str(report))
+    out = parity(plugin_dir, "--workload", WORKLOAD, "--backends", "cpu,cpu-perturbed", "--steps", "10", "--rtol", "1e-5",
+                 "--json", str(report))
     assert out.returncode == 1, out.stderr
     assert "cpu-perturbed: first mismatch at step 7 (rel diff 1.00e-03 > rtol 1e-05); 4 of 10 steps outside" in out.stdout
     assert out.stdout.rstrip().endswith("parity: MISMATCH")
@@ -153,15 +154,6 @@ def test_perturbed_backend_is_caught_at_step_7(plugin_dir, tmp_path):
     assert data["workers"]["cpu-perturbed"]["backend"] == "cpu-perturbed"
 
 
-def test_matching_runs_exit_0(plugin_dir):
-    # The perturbation starts at step 7: six steps match exactly.
-    out = parity(plugin_dir, "--workload", WORKLOAD, "--backends", "cpu,cpu-perturbed", "--steps", "6")
-    assert out.returncode == 0, out.stderr
-    assert "cpu-perturbed: all 6 steps within rtol 1e-05 of cpu (max rel diff 0.00e+00)" in out.stdout
-    assert out.stdout.rstrip().endswith("parity: OK")
-    assert sorted(table_rows(out.stdout)) == list(range(1, 7))
-
-
 def test_a_failing_worker_exits_1(plugin_dir):
     out = parity(plugin_dir, "--workload", WORKLOAD, "--backends", "cpu-broken,cpu", "--steps", "5")
     assert out.returncode == 1
@@ -172,12 +164,35 @@ def test_a_failing_worker_exits_1(plugin_dir):
 def test_cpu_and_jax_cpu_agree(plugin_dir, tmp_path):
     report = tmp_path / "parity.json"
     out = parity(
-        plugin_dir, "--workload", "mlp", "--backends", "cpu,jax:cpu", "--steps", "8", "--batch", "16", "--json", str(report), plugins=""
+        plugin_dir, "--workload", "mlp", "--backends", "cpu,jax:cpu", "--steps", "8", "--batch", "16", "--rtol", "1e-5",
+        "--json", str(report), plugins="",
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "jax:cpu: all 8 steps within rtol 1e-05 of cpu" in out.stdout
     data = json.loads(report.read_text())
     assert data["ok"] is True and len(data["losses"]["jax:cpu"]) == 8 and data["first_mismatch"] == {"jax:cpu": None}
+
+
+def test_matching_runs_exit_0_with_cpu_as_reference_and_the_precisions_rtol(plugin_dir, tmp_path):
+    """bf16 rounding noise is not a mismatch: the tolerance of bf16 (3e-2, the one table
+    anychip bench uses too) passes the 1e-3 difference that --rtol 1e-5 flags above; and cpu is
+    the reference although it is listed second."""
+    report = tmp_path / "parity.json"
+    out = parity(plugin_dir, "--workload", WORKLOAD, "--backends", "cpu-perturbed,cpu", "--steps", "8", "--precision", "bf16",
+                 "--json", str(report))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cpu-perturbed: all 8 steps within rtol 0.03 of cpu (max rel diff 1.00e-03)" in out.stdout
+    assert out.stdout.rstrip().endswith("parity: OK") and sorted(table_rows(out.stdout)) == list(range(1, 9))
+    data = json.loads(report.read_text())
+    assert data["reference"] == "cpu" and data["rtol"] == RTOL["bf16"] == 3e-2 and data["first_mismatch"] == {"cpu-perturbed": None}
+
+
+def test_the_reference_rule_is_one_function():
+    assert default_reference(["cuda", "cpu"]) == "cpu" and default_reference(["cuda", "jax:gpu"]) == "cuda"
+    assert check_reference(None, ["jax:cpu", "cpu"]) == "cpu" and check_reference(" JAX:CPU ", ["jax:cpu", "cpu"]) == "jax:cpu"
+    with pytest.raises(ValueError, match="--reference tpu: not among the backends compared .cuda, cpu."):
+        check_reference("tpu", ["cuda", "cpu"])
+    assert default_rtol("fp32") == 1e-3 and default_rtol("bf16-pure") == 6e-2
 
 
 # -- bad input: exit 2, one line, before any worker starts ------------------------------------------
@@ -208,6 +223,7 @@ def exit_code(argv) -> int:
     (["--batch", "0"], "must be >= 1"),
     (["--rtol", "0"], "must be > 0"),
     (["--rtol=-1e-5"], "must be > 0"),
+    (["--reference", "jax:cpu"], "--reference jax:cpu: not among the backends compared (cpu, cpu-perturbed)"),
     (["--json", "/no/such/dir/out.json"], "does not exist"),
 ])
 def test_bad_input_exits_2_before_anything_runs(plugin_here, monkeypatch, capsys, args, message):

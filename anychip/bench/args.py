@@ -8,6 +8,7 @@ import math
 
 from anychip.bench.cli import cmd_bench
 from anychip.bench.show import cmd_show
+from anychip.parity import RTOL
 from anychip.cliargs import add_debug_flag, check_batch_shape, finite_positive_float, nonnegative_float, positive_int, random_seed
 
 
@@ -73,7 +74,12 @@ def register(subparsers) -> None:
         help="auto (every available backend), all (every registered one; unavailable ones become failed rows) "
         "or a comma-separated list such as cpu,cuda,jax:gpu",
     )
-    p.add_argument("--steps", type=positive_int, default=50, help="timed steps (default 50)")
+    p.add_argument("--steps", type=positive_int, default=50, help="timed steps per window (default 50)")
+    p.add_argument(
+        "--repeat", type=positive_int, default=5, metavar="N",
+        help="timed windows of --steps steps, back to back, one synchronisation at the end of each; step ms and tokens/s are "
+        "the median over the windows, the spread their p10-p90 (default 5)",
+    )
     p.add_argument("--warmup", type=positive_int, default=5, help="untimed warm-up steps, compilation included (default 5)")
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: the workload's)")
     p.add_argument("--seq", type=positive_int, default=None, help="sequence length (default: the workload's)")
@@ -93,11 +99,21 @@ def register(subparsers) -> None:
         help="seconds one backend may take, start-up and compilation included (default 900)",
     )
     p.add_argument(
+        "--rtol",
         "--parity-tol",
+        dest="rtol",
         type=finite_positive_float,
         default=None,
         metavar="REL",
-        help="relative loss tolerance (default: 1e-3 fp32, 3e-2 bf16, 6e-2 bf16-pure)",
+        help="relative loss tolerance per step, as in 'anychip parity' (default: "
+        + ", ".join(f"{v:g} {k}" for k, v in RTOL.items()) + ")",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="BACKEND",
+        help="the backend every row's loss parity is measured against, at the same process count "
+        "(default: cpu when it runs, else the first backend listed)",
     )
     p.add_argument("--json", metavar="PATH", help="write the results (versioned schema)")
     p.add_argument("--csv", metavar="PATH", help="write one CSV line per backend")
@@ -142,7 +158,14 @@ def register(subparsers) -> None:
     add_debug_flag(p)
     sub = p.add_subparsers(dest="bench_command", metavar="{compare,show}")
     # add_subparsers builds with the parent's class: anychip.cliargs.Parser, whose errors are one line.
-    c = sub.add_parser("compare", help="compare two --json results: B / A per backend")
+    c = sub.add_parser(
+        "compare",
+        help="compare two --json results per backend: a regression only where the tokens/s intervals separate",
+        description="Per row (backend and process count): B is a regression when its tokens/s p90 is below A's p10 x "
+        "(1 - --max-regression), faster when its p10 is above A's p90 x (1 + --max-regression); a median change beyond "
+        "the threshold with overlapping intervals is inconclusive. Exit 1 for a regression (or a row that finished in A "
+        "only), else 0.",
+    )
     c.add_argument("a", metavar="A.json")
     c.add_argument("b", metavar="B.json")
     c.add_argument(
@@ -150,8 +173,9 @@ def register(subparsers) -> None:
         type=nonnegative_float,
         default=0.05,
         metavar="FRACTION",
-        help="exit 1 when a ratio is worse than this (default 0.05)",
+        help="how far apart the tokens/s intervals must be to count as a change (default 0.05)",
     )
+    c.add_argument("--force", action="store_true", help="compare runs of a different workload, batch, seq or precision anyway")
     add_debug_flag(c)
     # SUPPRESS: a flag given before "show" (anychip bench --wide show RUN.json) is not reset by the sub-command's default.
     s = sub.add_parser("show", help="print a saved --json result again and write its Markdown, CSV or plot; runs nothing")

@@ -11,7 +11,9 @@ further signals during that clean-up are recorded, not obeyed (:mod:`anychip.ben
 Defaults, chosen so that ``anychip bench`` with no arguments is a one-minute smoke run on a
 laptop and a real comparison on an accelerator machine:
 
-- ``--workload gpt-tiny``, 5 warm-up + 50 timed steps, the workload's batch and sequence;
+- ``--workload gpt-tiny``, 5 warm-up steps, then ``--repeat 5`` timed windows of 50 steps (step
+  ms and tokens/s: the median over the windows, the spread their p10-p90), the workload's batch
+  and sequence;
 - ``--backends auto``: every available backend of the built-in table, each in its own process
   (``jax:cpu`` included: bench compares stacks, it does not pick one);
 - ``--precision``: fp32 when every selected backend runs on the host CPU (its registration
@@ -28,6 +30,13 @@ laptop and a real comparison on an accelerator machine:
   row is the plain single-process step (no launcher, ``parallel=None``): the baseline that
   scaling efficiency (tokens/s at N / (N x tokens/s at 1)) divides by. ``jax:*`` rows run at
   N = 1 only: JAX drives every local device from one process (its own data/fsdp sharding).
+- ``--reference``: ``cpu`` when it runs, else the first backend listed: every row's loss parity
+  is against that backend's row of the same process count, within ``--rtol`` (default per
+  precision, :data:`anychip.parity.RTOL`): the rule of ``anychip parity``.
+
+The machine's 1-minute load average is read before and after every row; a load above the CPU
+count, and a row whose windows spread over more than 10 % of its median, are warnings (stderr,
+the footer and ``doc["warnings"]``): figures measured so are not worth comparing.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import sys
 
 from anychip.bench import interrupts, plan
 from anychip.cliargs import UsageError
+from anychip.parity import default_rtol
 
 
 # -- checking and running ------------------------------------------------------------------
@@ -92,6 +102,7 @@ def cmd_bench(args) -> int:
     planned, chosen_by = plan.plan_backends(args.backends)
     row_plan, one_process = plan.plan_rows(planned, args.nproc, explicit=chosen_by == "named")
     precision = policy(args.precision).name if args.precision is not None else plan.default_precision(planned)
+    reference = plan.parity_reference(planned, args.reference)
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
         _check_output(flag, path)
     if args.plot:
@@ -101,13 +112,14 @@ def cmd_bench(args) -> int:
             raise UsageError("--plot needs matplotlib: pip install 'anychip[bench]'")
     price_overrides = dict(args.price)
     peak_tflops = dict(args.peak_tflops)
-    tolerance = args.parity_tol or metrics.PARITY_TOLERANCE.get(precision, 1e-3)
+    tolerance = args.rtol if args.rtol is not None else default_rtol(precision)
 
     config = {
         "workload": args.workload,
         "backends": [n for n, _ in planned],
         "selection": args.backends,
         "steps": args.steps,
+        "repeat": args.repeat,
         "warmup": args.warmup,
         "batch": args.batch or workload.default_batch,
         "seq": args.seq or workload.default_seq,
@@ -116,6 +128,7 @@ def cmd_bench(args) -> int:
         "seed": args.seed,
         "timeout_s": args.timeout,
         "parity_tolerance": tolerance,
+        "reference": reference,
         "prices_as_of": prices.PRICES_AS_OF,
         "price_overrides": price_overrides,
         "peak_tflops": peak_tflops,
@@ -124,17 +137,24 @@ def cmd_bench(args) -> int:
         "one_process_backends": one_process,
     }
     rows = _planned_rows(row_plan, precision, config["parallel"])
+    loads: list[float] = []
     with interrupts.Interrupts() as stop:
         interrupted = False
         try:
-            _run_rows(args, rows, config, price_overrides, peak_tflops)
+            _run_rows(args, rows, config, price_overrides, peak_tflops, loads)
             stop.hold()  # every row is done: a stop request now changes the exit status only
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: the handlers record any further one
             interrupted = True
             _mark_interrupted(rows, stop.reason())
-        metrics.add_parity(rows, tolerance)
+        warnings = metrics.add_parity(rows, tolerance, reference)
         metrics.add_scaling(rows)
         doc = report.document(command=_command(args, config), started_at=started_at, config=config, rows=rows, interrupted=interrupted)
+        load = {"cores": os.cpu_count() or 1, "max_1min": max(loads)} if loads else None
+        if load:
+            doc["machine"]["load"] = load
+        doc["warnings"] = warnings + metrics.run_warnings(rows, load)
+        for line in doc["warnings"]:
+            print(f"anychip bench: warning: {line}", file=sys.stderr)
         invalid = schema.validate(doc)
         if invalid:  # a bug in anychip, not in the input: still write what was measured
             print(f"anychip bench: warning: the results do not match schema {schema.SCHEMA_VERSION}: {invalid[0]}", file=sys.stderr)
@@ -175,9 +195,9 @@ def _write_outputs(args, doc) -> int:
 def _command(args, config) -> list[str]:
     """The command that reproduces this run, every default spelt out but one process per row."""
     cmd = ["anychip", "bench", "--workload", args.workload, "--backends", args.backends, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", str(config["batch"]), "--seq", str(config["seq"]),
+           "--repeat", str(config["repeat"]), "--warmup", str(args.warmup), "--batch", str(config["batch"]), "--seq", str(config["seq"]),
            "--precision", config["precision"], "--kernels", args.kernels, "--seed", str(args.seed),
-           "--timeout", f"{args.timeout:g}", "--parity-tol", f"{config['parity_tolerance']:g}"]
+           "--timeout", f"{args.timeout:g}", "--reference", config["reference"], "--rtol", f"{config['parity_tolerance']:g}"]
     for name, usd in args.price:
         cmd += ["--price", f"{name}={usd:g}"]
     for name, tflops in args.peak_tflops:
@@ -218,10 +238,19 @@ def _mark_interrupted(rows: list[dict], reason: str) -> None:
             row["error"] = f"not run: interrupted ({reason})"
 
 
-def _run_rows(args, rows, config, price_overrides, peak_tflops) -> None:
+def _note_load(loads: list[float]) -> None:
+    """Append the 1-minute load average (nothing where the OS keeps none)."""
+    try:
+        loads.append(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        pass
+
+
+def _run_rows(args, rows, config, price_overrides, peak_tflops, loads: list[float]) -> None:
     """Run every planned row (a backend at a process count) in turn under a live progress
     display, filling ``rows`` in place: a KeyboardInterrupt leaves the finished ones filled and
-    the one in flight with status "running"."""
+    the one in flight with status "running". The load average before and after each row is
+    appended to ``loads``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -229,7 +258,7 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops) -> None:
     from anychip.bench.measure import RunSpec
 
     precision = config["precision"]
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps * args.repeat
     columns = (
         TextColumn("[bold]{task.fields[backend]:<16}"),
         BarColumn(),
@@ -257,6 +286,7 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops) -> None:
                 if row["status"] != "skipped":
                     continue
                 row["status"] = "running"
+                _note_load(loads)
                 progress.start_task(task)
                 progress.update(task, phase="starting")
 
@@ -267,14 +297,15 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops) -> None:
                     elif kind == "step" and event["phase"] == "warmup":
                         progress.update(task, completed=event["done"], phase=f"warm-up {event['done']}/{event['total']}")
                     elif kind == "step":
-                        progress.update(task, completed=args.warmup + event["done"], phase="timing")
+                        progress.update(task, completed=args.warmup + event["done"], phase=f"timing ({args.repeat} windows)")
 
                 spec = RunSpec(
                     backend=row["backend"], workload=args.workload, steps=args.steps, warmup=args.warmup,
                     batch=config["batch"], seq=config["seq"], precision=precision, kernels=args.kernels, seed=args.seed,
-                    nproc=row["world_size"], parallel=row["parallel"],
+                    nproc=row["world_size"], parallel=row["parallel"], repeat=args.repeat,
                 )
                 outcome = supervise.run_backend(spec, args.timeout, on_event)
+                _note_load(loads)
                 row.update(status=outcome.status, error=outcome.error, startup_s=outcome.startup_s, wall_s=outcome.wall_s)
                 if outcome.ready:
                     row.update(device_kind=outcome.ready["device_kind"] or "", devices=outcome.ready["devices"],
@@ -291,9 +322,15 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops) -> None:
 
 
 def cmd_compare(args) -> int:
+    """0 unless a row regressed (its tokens/s intervals separate: :mod:`anychip.bench.report.compare`),
+    then 1; runs of another workload, batch shape or precision are refused (exit 2) unless --force."""
     from anychip.bench import report
+    from anychip.bench.report.compare import MUST_MATCH, NOTED
 
     a, b = report.load(args.a), report.load(args.b)  # ValueError -> one line, exit 2
-    rows, regressions = report.compare(a, b, args.max_regression)
-    report.print_comparison(rows, regressions, report.config_differences(a, b), args.a, args.b, args.max_regression)
-    return 1 if regressions else 0
+    refused = report.config_differences(a, b, MUST_MATCH)
+    if refused and not args.force:
+        raise UsageError(f"{args.a} and {args.b} measured different things ({'; '.join(refused)}); --force compares them anyway")
+    result = report.compare(a, b, args.max_regression)
+    report.print_comparison(result, refused + report.config_differences(a, b, NOTED), args.a, args.b, args.max_regression)
+    return 1 if result.regressions else 0

@@ -46,9 +46,8 @@ _CHECKS = {
     "step times": lambda v: isinstance(v, list) and len(v) > 0 and all(_number(x) and x > 0 for x in v),
     "layout": lambda v: isinstance(v, dict) and all(x is None or isinstance(x, str) or _int(x) for x in v.values()),
 }
-_CHECKS["window"] = _shape({"steps": "count", "seconds": "positive"})
 _CHECKS["memory"] = _shape({"peak_bytes": "int|null", "current_bytes": "int|null", "source": "str"})
-for _alternatives in ("int|null", "str|null", "number|null", "object|null", "layout|null", "window|null"):
+for _alternatives in ("int|null", "str|null", "number|null", "object|null", "layout|null"):
     _CHECKS[_alternatives] = lambda v, _names=_alternatives.split("|"): any(_CHECKS[n](v) for n in _names)
 
 # Every kind, with each key the parent reads and the check its value must pass.
@@ -63,7 +62,7 @@ ROW = {
     "device_kind": "str", "devices": "int|null", "devices_used": "count", "devices_per_process": "count",
     "world_size": "count", "parallel": "str|null", "layout": "layout|null", "cpu_threads": "int|null",
     "versions": "str map", "setup_s": "number", "first_step_s": "number|null", "warmup_s": "number",
-    "step_times_s": "step times", "throughput_window": "window|null", "tokens_per_step": "int", "samples_per_step": "int",
+    "window_step_s": "step times", "window_steps": "count", "tokens_per_step": "int", "samples_per_step": "int",
     "batch": "int", "seq": "int", "flops_per_token": "number", "peak_flops": "number|null", "memory": "memory",
     "losses": "losses",
 }

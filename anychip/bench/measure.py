@@ -2,7 +2,13 @@
 
 ``python -m anychip.bench.measure --spec JSON --events SOCKET`` builds the workload's model and
 batches, a :class:`~anychip.step.TrainStep` on the row's backend, warms it up (compilation
-happens there) and times it; the parent (:mod:`anychip.bench.supervise`) starts it, once per
+happens there) and times it: ``repeat`` windows of ``steps`` updates, back to back, each timed on
+the host with one device synchronisation before it and one at its end, as a training loop runs
+(a sync per step would take away an asynchronous backend's dispatch overlap; no sync would let
+it look fast by queueing). Each window gives one value, seconds per step; step time and tokens/s
+are both derived from these values (median and p10-p90, :mod:`anychip.bench.metrics`), so they
+agree, and the spread between windows is what ``anychip bench compare`` judges a change
+against. The parent (:mod:`anychip.bench.supervise`) starts it, once per
 row, under torchrun for an ``nproc`` > 1 row (every rank trains, rank 0 alone reports).
 
 The child reports on a channel of its own, so that whatever a library prints to stdout/stderr
@@ -11,7 +17,7 @@ path, not an inherited file descriptor: torchrun passes no descriptors to the wo
 starts). One JSON object per line:
 
     {"event": "ready", "device_kind": ..., "devices": ..., "versions": {...}, "layout": {...}}
-    {"event": "step", "phase": "warmup" | "timed", "done": k, "total": n}
+    {"event": "step", "phase": "warmup" | "timed", "done": k, "total": n}   (timed: once per window)
     {"event": "result", "row": {...measurements...}}      or      {"event": "error", ...}
 
 Test-only or third-party backends reach the child through ``ANYCHIP_PLUGINS`` (loaded before
@@ -46,7 +52,7 @@ class RunSpec:
 
     backend: str
     workload: str
-    steps: int
+    steps: int  # per timed window
     warmup: int
     batch: int | None = None
     seq: int | None = None
@@ -56,8 +62,11 @@ class RunSpec:
     lr: float = 1e-3
     nproc: int = 1  # processes; > 1: launched by torchrun, batch per process, N x batch per step
     parallel: str | None = None  # TrainStep(parallel=...) of an nproc > 1 row: "ddp" or "fsdp"
+    repeat: int = 1  # timed windows of `steps` updates each
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.repeat, int) and self.repeat >= 1):
+            raise ValueError(f"repeat must be an int >= 1, got {self.repeat!r}")
         if not (isinstance(self.nproc, int) and self.nproc >= 1):
             raise ValueError(f"nproc must be an int >= 1, got {self.nproc!r}")
         if (self.parallel is None) != (self.nproc == 1):
@@ -124,11 +133,14 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     workload = workloads.get(spec.workload)
     batch_size = spec.batch or workload.default_batch  # per process
     seq = spec.seq or workload.default_seq
-    total = spec.warmup + spec.steps
+    timed = spec.steps * spec.repeat
+    total = spec.warmup + timed
     # Weak scaling: every rank builds the same global batch of world x batch samples and
     # TrainStep trains each on its slice (split_batches), so each process keeps `batch`.
     global_batch = batch_size * world
-    batches = [workload.batch(i, global_batch, seq, spec.seed) for i in range(total)]
+    # Every window trains on the same `steps` batches: windows then differ only by the machine's
+    # noise (not by data-dependent work), and the host holds warmup + steps batches, not repeat x.
+    batches = [workload.batch(i, global_batch, seq, spec.seed) for i in range(spec.warmup + spec.steps)]
     model = workload.build(seed=spec.seed)
     flops_per_token = float(workload.flops_per_token(model, seq))
     schedule = WarmupCosine(warmup=max(1, total // 10), total=total, min_ratio=0.1)
@@ -154,33 +166,22 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         warm_times.append(time.perf_counter() - t)
         emit("step", phase="warmup", done=i + 1, total=spec.warmup)
 
-    if world > 1:
-        distributed.barrier()  # the ranks leave warm-up at different times; start the clock together
     backend.reset_peak_memory()
-    # Two views of the steady state. First half: a throughput window, steps back to back and
-    # one synchronisation at its end, as a training loop runs (tokens/s comes from it; a sync
-    # per step would take JAX's dispatch overlap away). Second half: one synchronisation per
-    # step, so the step-time percentiles are real and queueing cannot hide a slow step.
-    window = spec.steps // 2 if spec.steps >= 4 else 0
-    times, window_s = [], None
-    start = time.perf_counter()
-    for i in range(spec.warmup, spec.warmup + window):
-        outputs.append(step(batches[i]))
-        emit("step", phase="timed", done=i + 1 - spec.warmup, total=spec.steps)
-    if window:
+    window_step_s = []
+    for w in range(spec.repeat):
+        if world > 1:
+            distributed.barrier()  # the ranks reach a window at different times; start the clock together
         step.synchronize()
-        window_s = time.perf_counter() - start
-    for i in range(spec.warmup + window, total):
-        t = time.perf_counter()
-        out = step(batches[i])
-        step.synchronize()  # per step: an asynchronous backend must not look fast by queueing
-        times.append(time.perf_counter() - t)
-        outputs.append(out)
-        emit("step", phase="timed", done=i + 1 - spec.warmup, total=spec.steps)
+        start = time.perf_counter()
+        for i in range(spec.warmup, spec.warmup + spec.steps):
+            outputs.append(step(batches[i]))
+        step.synchronize()
+        window_step_s.append((time.perf_counter() - start) / spec.steps)
+        emit("step", phase="timed", done=(w + 1) * spec.steps, total=timed)  # after the clock: no socket write inside a window
     memory = backend.memory_stats()
 
-    # The losses are read after the clock stopped: StepOutput keeps them on the device, so
-    # recording every step's loss costs the timed loop nothing.
+    # The losses are read after the last window: StepOutput keeps them on the device, so
+    # recording every step's loss costs the timed windows nothing.
     losses = [out.loss for out in outputs]
     # Of the devices one process drives; finish_row scales it to the devices the row uses.
     peak = backend.peak_flops(spec.precision)
@@ -210,8 +211,8 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         "setup_s": setup_s,
         "first_step_s": warm_times[0] if warm_times else None,
         "warmup_s": sum(warm_times),
-        "step_times_s": times,
-        "throughput_window": {"steps": window, "seconds": window_s} if window else None,
+        "window_step_s": window_step_s,  # seconds per step of each timed window
+        "window_steps": spec.steps,
         "tokens_per_step": int(outputs[-1].tokens),  # of the global batch (every rank's slice)
         "samples_per_step": global_batch,
         "batch": batch_size,

@@ -2,19 +2,28 @@
 
 Definitions (what the report's columns mean):
 
-- step time: wall time of one optimizer update *including* a device synchronisation, so an
-  asynchronous backend cannot look fast by queueing work; median, p10 and p90 over the timed
-  steps (warm-up and compilation excluded and reported separately).
-- tokens/s and samples/s: tokens (samples) of a throughput window (half the timed steps, run
-  back to back with one synchronisation at the end, as a training loop runs) / its wall time.
-  The percentiles come from the other half, synchronised per step. Without a window (fewer
-  than 4 timed steps): per step / median step time.
+- timed windows: after the warm-up the child runs ``--repeat`` windows of ``--steps`` updates
+  each, back to back in its process, as a training loop runs: one device synchronisation before
+  a window and one at its end, none inside, so an asynchronous backend keeps its dispatch overlap
+  and still cannot look fast by leaving work queued. A window's figure is its wall time / its
+  steps: seconds per step.
+- step time: median of the windows' seconds per step; spread p10-p90 of the same values
+  (linear interpolation, numpy's default). Median, not mean: on a shared machine another job's
+  burst makes a window slower, nothing makes one faster, and the median does not move for one
+  such window. The method is that of pytest-benchmark (rounds, median and interquartile range)
+  and optimum-benchmark (percentiles over repetitions); pyperf's warnings are kept too: a spread
+  above :data:`WIDE_SPREAD` of the median and a load average above the CPU count are reported
+  (:func:`run_warnings`).
+- tokens/s and samples/s: per step / step time, from the same windows, so the two columns always
+  agree: tokens/s = tokens per step / median seconds per step, and its interval [p10, p90] is
+  tokens per step / [p90, p10] of the seconds per step.
 - MFU: tokens/s x training FLOPs per token / peak FLOP/s of the devices used
   (:func:`anychip.backends.facts.peaks.mfu`).
 - cost: USD per hour of the devices used / 3600 / tokens per second x 1e6.
-- loss parity: per step, |loss - reference loss| / max(|reference loss|, 1e-12), against the
-  first row that finished with the same number of processes; a non-finite loss counts as an
-  infinite difference.
+- loss parity: per step, :func:`anychip.parity.rel_diff` (|loss - reference loss| / |reference
+  loss|; a non-finite loss never matches), against the row of the reference backend
+  (``--reference``, :func:`anychip.parity.default_reference`) with the same number of processes,
+  within :data:`anychip.parity.RTOL` unless --rtol says otherwise: the rule of ``anychip parity``.
 - several processes (``--nproc N``, torchrun): weak scaling, each process keeps ``batch``, a
   step trains on N x batch samples, and tokens/s counts them all (rank 0 times the steps; every
   step ends in a gradient all-reduce, so it cannot finish before the slowest rank). The devices
@@ -32,11 +41,12 @@ from typing import Sequence
 
 from anychip.backends.facts import peaks
 from anychip.bench import prices
+from anychip.parity import RTOL, rel_diff
 
-# Relative loss tolerance per precision. fp32 on different stacks differs in reduction order
-# only (expect 1e-6..1e-4 after tens of steps); bf16 autocast rounds every matmul input to
-# 8 bits of mantissa, so trajectories drift apart at the 1e-2 level within a few steps.
-PARITY_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "bf16-pure": 6e-2}
+# The per-precision default tolerances, shared with `anychip parity` (one table).
+PARITY_TOLERANCE = RTOL
+# (p90 - p10) / median of the windows' step time above which a row is flagged as noisy.
+WIDE_SPREAD = 0.10
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -62,6 +72,24 @@ def step_time_summary(times: Sequence[float]) -> dict[str, float]:
         "min": min(times),
         "max": max(times),
     }
+
+
+def window_statistics(window_step_s: Sequence[float], tokens_per_step: float, samples_per_step: float) -> dict:
+    """Step time, tokens/s and samples/s of a row from its windows' seconds per step: the
+    median, and the interval [p10, p90] (a rate's p10 is the amount / the p90 step time)."""
+    st = step_time_summary(window_step_s)
+    return {
+        "step_time_s": st,
+        "tokens_per_s": per_second(tokens_per_step, st["median"]),
+        "tokens_per_s_interval": [per_second(tokens_per_step, st["p90"]), per_second(tokens_per_step, st["p10"])],
+        "samples_per_s": per_second(samples_per_step, st["median"]),
+        "samples_per_s_interval": [per_second(samples_per_step, st["p90"]), per_second(samples_per_step, st["p10"])],
+    }
+
+
+def spread(step_time: dict) -> float:
+    """(p90 - p10) / median of a step-time summary: 0.1 means the windows spread over 10 %."""
+    return (step_time["p90"] - step_time["p10"]) / step_time["median"] if step_time["median"] > 0 else math.inf
 
 
 def per_second(amount_per_step: float, step_seconds: float) -> float:
@@ -99,21 +127,16 @@ class Parity:
 
 
 def loss_parity(losses: Sequence[float | None], reference: Sequence[float | None], tolerance: float, reference_name: str) -> Parity:
-    """Compare a loss trajectory with the reference one, step by step."""
+    """Compare a loss trajectory with the reference one, step by step, as ``anychip parity`` does."""
     if tolerance <= 0:
         raise ValueError(f"parity tolerance must be > 0, got {tolerance}")
     n = min(len(losses), len(reference))
     worst, first = 0.0, None
     for i in range(n):
         # None is how JSON carries a non-finite loss.
-        a = math.nan if losses[i] is None else losses[i]
-        r = math.nan if reference[i] is None else reference[i]
-        if not (math.isfinite(a) and math.isfinite(r)):
-            diff = 0.0 if (a == r or (math.isnan(a) and math.isnan(r))) else math.inf
-        else:
-            diff = abs(a - r) / max(abs(r), 1e-12)
+        diff = rel_diff(math.nan if losses[i] is None else losses[i], math.nan if reference[i] is None else reference[i])
         worst = max(worst, diff)
-        if first is None and diff > tolerance:
+        if first is None and not diff <= tolerance:
             first = i + 1
     if len(losses) != len(reference) and first is None:
         first = n + 1  # one trajectory stopped early: the first missing step is a mismatch
@@ -167,12 +190,15 @@ def empty_row(backend: str, status: str, error: str | None, precision: str, *, w
         "steps": 0,
         "batch": None,
         "seq": None,
+        "repeat": None,
+        "window_step_s": [],
         "step_time_s": None,
-        "step_times_s": [],
         "tokens_per_step": None,
         "samples_per_step": None,
         "tokens_per_s": None,
+        "tokens_per_s_interval": None,
         "samples_per_s": None,
+        "samples_per_s_interval": None,
         "flops_per_token": None,
         "peak_flops": None,
         "peak_flops_source": None,
@@ -213,20 +239,14 @@ def finish_row(
     peak_tflops: dict[str, float] | None = None,
 ) -> dict:
     """Fill ``row`` from a child's measurements and derive throughput, MFU and cost."""
-    times = measured["step_times_s"]
+    windows = [float(x) for x in measured["window_step_s"]]
     losses = [float(x) if x is not None and math.isfinite(float(x)) else None for x in measured["losses"]]
-    summary = step_time_summary(times)
+    stats = window_statistics(windows, measured["tokens_per_step"], measured["samples_per_step"])
+    tokens_s = stats["tokens_per_s"]
     devices_used = int(measured.get("devices_used") or 1)
     per_process = int(measured.get("devices_per_process") or devices_used)
     if measured.get("layout") is not None:
         row["layout"] = dict(measured["layout"])
-    window = measured.get("throughput_window")
-    if window and window.get("seconds"):
-        per_step_s = window["seconds"] / window["steps"]
-    else:
-        window, per_step_s = None, summary["median"]
-    tokens_s = per_second(measured["tokens_per_step"], per_step_s)
-    samples_s = per_second(measured["samples_per_step"], per_step_s)
     row.update(
         device_kind=measured["device_kind"],
         devices=measured["devices"],
@@ -236,21 +256,19 @@ def finish_row(
         first_step_s=measured["first_step_s"],
         warmup_s=measured["warmup_s"],
         warmup_steps=warmup,
-        steps=len(times) + (window["steps"] if window else 0),
-        throughput_window=window,
+        steps=len(windows) * int(measured["window_steps"]),
+        repeat=len(windows),
+        window_step_s=windows,
         batch=measured["batch"],
         seq=measured["seq"],
-        step_time_s=summary,
-        step_times_s=list(times),
         tokens_per_step=measured["tokens_per_step"],
         samples_per_step=measured["samples_per_step"],
-        tokens_per_s=tokens_s,
-        samples_per_s=samples_s,
         flops_per_token=measured["flops_per_token"],
         memory=measured["memory"],
         losses=losses,
         final_loss=losses[-1] if losses else None,
         cpu_threads=measured.get("cpu_threads"),
+        **stats,
     )
     # Peak of the devices one process drives: --peak-tflops (per backend / device kind, or for
     # every row) beats the backend's own figure from anychip.backends.facts.peaks. The row's
@@ -277,16 +295,49 @@ def finish_row(
     return row
 
 
-def add_parity(rows: list[dict], tolerance: float) -> None:
-    """Compare every finished row's loss trajectory with that of the first finished row with
-    the same number of processes. Rows of different process counts trained on different
-    global batches (N x batch samples per step), so comparing their losses would only ever
-    report a mismatch that is not one."""
+def add_parity(rows: list[dict], tolerance: float, reference: str | None = None) -> list[str]:
+    """Compare every finished row's loss trajectory with that of the ``reference`` backend's row
+    with the same number of processes (rows of other process counts trained on other global
+    batches: N x batch samples per step). A world size whose reference row did not finish gets no
+    parity figure, and one line saying so is returned. ``reference`` None is how documents from
+    before --reference chose: the first finished row of each world size."""
     finished = [r for r in rows if r["status"] == "ok" and r["losses"]]
-    references: dict[int, dict] = {}
+    notes = []
+    if reference is None:
+        references: dict[int, dict] = {}
+        for row in finished:
+            references.setdefault(row_world_size(row), row)
+    else:
+        references = {row_world_size(r): r for r in finished if r["backend"] == reference}
+        planned = {row_world_size(r): r for r in rows if r["backend"] == reference}
+        for world in sorted({row_world_size(r) for r in finished} - set(references)):
+            ref = planned.get(world)
+            label = row_label({"backend": reference, "world_size": world})
+            why = f"it is {ref['status']}" if ref else "it did not run at this process count"
+            notes.append(f"parity: no figure for the rows of {world} process(es): the reference {label} has no losses ({why})")
     for row in finished:
-        ref = references.setdefault(row_world_size(row), row)
-        row["parity"] = loss_parity(row["losses"], ref["losses"], tolerance, row_label(ref)).as_dict()
+        ref = references.get(row_world_size(row))
+        row["parity"] = loss_parity(row["losses"], ref["losses"], tolerance, row_label(ref)).as_dict() if ref else None
+    return notes
+
+
+def run_warnings(rows: list[dict], load: dict | None) -> list[str]:
+    """One line per reason to distrust the timings: the machine's 1-minute load average went
+    above its CPU count (other work competed for them), or a row's windows spread over more than
+    :data:`WIDE_SPREAD` of its median step time."""
+    out = []
+    if load and load.get("cores") and load.get("max_1min") is not None and load["max_1min"] > load["cores"]:
+        out.append(f"the machine was loaded: 1-minute load average up to {load['max_1min']:.2f} on {load['cores']} cores; "
+                   "other work shared the CPUs, so the timings are slower and noisier than on an idle machine")
+    for row in rows:
+        st = row.get("step_time_s")
+        if row["status"] != "ok" or not st:
+            continue
+        wide = spread(st)
+        if wide > WIDE_SPREAD:
+            out.append(f"{row_label(row)}: step time p10-p90 spans {wide:.0%} of the median over {row.get('repeat') or '?'} windows "
+                       f"(above {WIDE_SPREAD:.0%}): noisy; rerun on an idle machine, or raise --steps or --repeat")
+    return out
 
 
 def scaling_efficiency(tokens_per_s: float | None, world_size: int, baseline_tokens_per_s: float | None) -> float | None:

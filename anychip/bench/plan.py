@@ -10,6 +10,7 @@ from __future__ import annotations
 from anychip.backends import REGISTRY, registrations, resolve
 from anychip.cliargs import UsageError
 from anychip.errors import BackendError
+from anychip.parity import check_reference
 
 
 def plan_backends(selection: str) -> tuple[list[tuple[str, object]], str]:
@@ -77,3 +78,21 @@ def default_precision(planned: list[tuple[str, object]]) -> str:
     host_cpu = {r.name for r in registrations() if r.host_cpu}
     runnable = [n for n, a in planned if a.available]
     return "fp32" if runnable and all(n in host_cpu for n in runnable) else "bf16"
+
+
+def parity_reference(planned: list[tuple[str, object]], requested: str | None) -> str:
+    """The backend every row's loss parity is against: ``--reference`` when it is planned and
+    available, else :func:`anychip.parity.default_reference` of the backends that run (of those
+    planned when none does: nothing is compared then)."""
+    names = [n for n, _ in planned]
+    runnable = [n for n, a in planned if a.available]
+    if requested is None:
+        return check_reference(None, runnable or names)
+    try:
+        name = check_reference(requested, names)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    avail = dict(planned)[name]
+    if not avail.available:
+        raise UsageError(f"--reference {requested}: {name} is unavailable ({avail.reason}); name a backend that runs")
+    return name

@@ -7,7 +7,10 @@ never rely on a check that silently does not happen. No ``jsonschema`` dependenc
 
 Versioning: ``schema_version`` is an integer. Adding an optional field keeps it; renaming,
 removing or changing the meaning of a field bumps it, and ``anychip bench compare`` refuses
-documents of a version it does not know.
+documents of a version it does not know. Version 2: step time and tokens/s come from
+``repeat`` timed windows (``window_step_s``, ``tokens_per_s_interval``); version 1 took tokens/s
+from one throughput window and step time from per-step synchronised ``step_times_s``, which
+version 2 no longer writes (:func:`anychip.bench.report.load` reads both).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from __future__ import annotations
 import math
 import re
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KIND = "anychip-bench"
 
 KEYWORDS = frozenset(
     {"$schema", "$id", "title", "description", "type", "properties", "required", "additionalProperties",
-     "items", "enum", "const", "minimum", "pattern"}
+     "items", "enum", "const", "minimum", "pattern", "minItems", "maxItems"}
 )
 
 _num = {"type": "number"}
@@ -28,6 +31,10 @@ _num_or_null = {"type": ["number", "null"]}
 _nonneg_or_null = {"type": ["number", "null"], "minimum": 0}
 _int_or_null = {"type": ["integer", "null"], "minimum": 0}
 _str_map = {"type": "object", "additionalProperties": {"type": "string"}}
+_interval = {
+    "type": ["array", "null"], "items": {"type": "number", "minimum": 0}, "minItems": 2, "maxItems": 2,
+    "description": "[p10, p90] over the timed windows",
+}
 
 
 def _object(properties: dict, *, optional: tuple[str, ...] = ()) -> dict:
@@ -78,20 +85,30 @@ ROW = _object(
         "first_step_s": _nonneg_or_null,
         "warmup_s": _nonneg_or_null,
         "warmup_steps": {"type": "integer", "minimum": 0},
-        "steps": {"type": "integer", "minimum": 0},
+        "steps": {"type": "integer", "minimum": 0, "description": "timed steps in all: repeat windows x --steps"},
         "batch": _int_or_null,
         "seq": _int_or_null,
+        "repeat": {"type": ["integer", "null"], "minimum": 1, "description": "timed windows (of --steps steps each)"},
+        "window_step_s": {
+            "type": "array", "items": {"type": "number", "minimum": 0},
+            "description": "seconds per step of each timed window (one synchronisation before it, one at its end)",
+        },
         "step_time_s": {
             "type": ["object", "null"],
+            "description": "median, p10, p90, mean, min, max of window_step_s (version 1: of step_times_s)",
             "properties": {k: {"type": "number", "minimum": 0} for k in ("median", "p10", "p90", "mean", "min", "max")},
             "required": ["median", "p10", "p90", "mean", "min", "max"],
             "additionalProperties": False,
         },
-        "step_times_s": {"type": "array", "items": {"type": "number", "minimum": 0}},
+        "step_times_s": {
+            "type": "array", "items": {"type": "number", "minimum": 0}, "description": "version 1 only: per-step synchronised times",
+        },
         "tokens_per_step": _int_or_null,
         "samples_per_step": _int_or_null,
-        "tokens_per_s": _nonneg_or_null,
+        "tokens_per_s": {**_nonneg_or_null, "description": "tokens_per_step / median of window_step_s"},
+        "tokens_per_s_interval": _interval,
         "samples_per_s": _nonneg_or_null,
+        "samples_per_s_interval": _interval,
         "flops_per_token": _nonneg_or_null,
         "peak_flops": _nonneg_or_null,
         "peak_flops_source": {"type": ["string", "null"]},
@@ -142,12 +159,12 @@ ROW = _object(
             "additionalProperties": False,
         },
     },
-    optional=("throughput_window", *SCALING_FIELDS),
+    optional=("step_times_s", "throughput_window", *SCALING_FIELDS),
 )
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://github.com/anychip/anychip/bench/schema/1",
+    "$id": "https://github.com/anychip/anychip/bench/schema/2",
     "title": "anychip bench results",
     **_object(
         {
@@ -165,7 +182,15 @@ SCHEMA = {
                     "cpu_count": _int_or_null,
                     "os": {"type": "string"},
                     "python": {"type": "string"},
-                }
+                    "load": {
+                        "type": "object",
+                        "properties": {"cores": {"type": "integer", "minimum": 1}, "max_1min": {"type": "number", "minimum": 0}},
+                        "required": ["cores", "max_1min"],
+                        "additionalProperties": False,
+                        "description": "the highest 1-minute load average seen before and after each row, and the CPU count",
+                    },
+                },
+                optional=("load",),
             ),
             "config": _object(
                 {
@@ -181,6 +206,8 @@ SCHEMA = {
                     "seed": {"type": "integer"},
                     "timeout_s": {"type": "number", "minimum": 0},
                     "parity_tolerance": {"type": "number", "minimum": 0},
+                    "reference": {"type": "string", "description": "--reference: the backend every row's loss parity is against"},
+                    "repeat": {"type": "integer", "minimum": 1, "description": "--repeat: timed windows of --steps steps per row"},
                     "prices_as_of": {"type": "string"},
                     "price_overrides": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
                     "peak_tflops": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
@@ -195,10 +222,12 @@ SCHEMA = {
                         "description": "backends run only at nproc 1 (jax:* drives every local device from one process)",
                     },
                 },
-                optional=("nproc", "parallel", "one_process_backends"),
+                optional=("nproc", "parallel", "one_process_backends", "reference"),
             ),
             "rows": {"type": "array", "items": ROW},
-        }
+            "warnings": {"type": "array", "items": {"type": "string"}, "description": "one line per reason to distrust the figures"},
+        },
+        optional=("warnings",),
     ),
 }
 
@@ -231,6 +260,10 @@ def validate(doc, schema: dict | None = None, path: str = "$") -> list[str]:
         errors.append(f"{path}: {doc!r} is not one of {schema['enum']}")
     if "minimum" in schema and _TYPES["number"](doc) and doc < schema["minimum"]:
         errors.append(f"{path}: {doc!r} is below the minimum {schema['minimum']}")
+    if "minItems" in schema and isinstance(doc, list) and len(doc) < schema["minItems"]:
+        errors.append(f"{path}: {len(doc)} item(s), fewer than {schema['minItems']}")
+    if "maxItems" in schema and isinstance(doc, list) and len(doc) > schema["maxItems"]:
+        errors.append(f"{path}: {len(doc)} item(s), more than {schema['maxItems']}")
     if "pattern" in schema and isinstance(doc, str) and not re.search(schema["pattern"], doc):
         errors.append(f"{path}: {doc!r} does not match {schema['pattern']!r}")
     if isinstance(doc, dict):

@@ -8,6 +8,8 @@ behaviour changed; none is ever auto-selected (``auto=False``).
   first, one line per process, so a test knows when and which processes are stuck);
 - ``fake-raise``: raises inside update ``FAIL_AT``;
 - ``fake-accel``: works, and claims a peak of :data:`ACCEL_PEAK_FLOPS` so MFU is computed;
+- ``fake-slow``: works as ``cpu`` does; with ``$ANYCHIP_FAKE_SLOW`` set, each update then sleeps
+  as long as it took, so its steps take about twice as long under the same backend name;
 - ``fake-missing``: never available.
 
 Faults of the fault audit (tests/bench/test_bench_faults.py), each inside update ``FAIL_AT``:
@@ -40,6 +42,7 @@ from anychip.backends.torch.cpu import CpuBackend
 FAIL_AT = 2  # with --warmup 1 this is the first timed update
 ACCEL_PEAK_FLOPS = 1e9
 HANG_MARKER_ENV = "ANYCHIP_FAKE_HANG_MARKER"
+SLOW_ENV = "ANYCHIP_FAKE_SLOW"
 RUN_ID_ENV = "ANYCHIP_FAKE_RUN_ID"  # digits, unique per test run: in the argv of fake-escape's sleep
 MEMORY_CHUNK = 64 << 20
 MEMORY_LIMIT = 320 << 20
@@ -51,7 +54,7 @@ BAD_EVENTS = {
     "number": b"42\n",
     "binary": b"\xff\xfe\x00{\"event\": \"ready\"}\x80\n",
 }
-NAMES = ("fake-crash", "fake-hang", "fake-raise", "fake-accel", "fake-missing", "fake-segv", "fake-abort", "fake-hang-noterm",
+NAMES = ("fake-crash", "fake-hang", "fake-raise", "fake-accel", "fake-slow", "fake-missing", "fake-segv", "fake-abort", "fake-hang-noterm",
          "fake-memory", "fake-garbage", "fake-escape", *(f"fake-event-{kind}" for kind in BAD_EVENTS))
 
 
@@ -180,7 +183,18 @@ class Accel(CpuBackend):
         return ACCEL_PEAK_FLOPS
 
 
-_CLASSES = {cls.name: cls for cls in (Crash, Hang, Raise, Accel, Segv, Abort, HangIgnoringSigterm, Memory, Garbage, Escape)}
+class Slow(CpuBackend):
+    name = "fake-slow"
+
+    def mark_step(self) -> None:  # the end of every update: sleep as long as the update took
+        now = time.perf_counter()
+        last = getattr(self, "last_mark", None)
+        if last is not None and os.environ.get(SLOW_ENV):
+            time.sleep(now - last)
+        self.last_mark = time.perf_counter()
+
+
+_CLASSES = {cls.name: cls for cls in (Crash, Hang, Raise, Accel, Slow, Segv, Abort, HangIgnoringSigterm, Memory, Garbage, Escape)}
 _CLASSES.update({f"fake-event-{kind}": type(f"BadEvent_{kind}", (BadEvent,), {"name": f"fake-event-{kind}"}) for kind in BAD_EVENTS})
 
 

@@ -27,15 +27,17 @@ def one_line(text: str) -> str:
 
 
 def finished_row(backend: str, *, tokens_per_s: float, losses, peak_bytes: int = 1 << 20, mfu_peak_tflops=None, device_kind="AMD EPYC",
-                 world_size: int = 1):
-    """A finished row as the bench builds it, with a chosen throughput (one timed step);
-    ``world_size`` processes train on world_size x 2 samples of 500 tokens per step."""
+                 world_size: int = 1, windows=None):
+    """A finished row as the bench builds it, with a chosen throughput: one timed window of one
+    step, or one window per value of ``windows`` (tokens/s; the row's is then their median); ``world_size``
+    processes train on world_size x 2 samples of 500 tokens per step."""
     from anychip.bench import metrics
 
     tokens = 1000 * world_size
     measured = {
         "device_kind": device_kind, "devices": 1, "devices_used": 1, "versions": {"torch": "2.13.0"},
-        "setup_s": 0.5, "first_step_s": 1.0, "warmup_s": 1.0, "step_times_s": [tokens / tokens_per_s],
+        "setup_s": 0.5, "first_step_s": 1.0, "warmup_s": 1.0,
+        "window_step_s": [tokens / t for t in (windows or [tokens_per_s])], "window_steps": 1,
         "tokens_per_step": tokens, "samples_per_step": 2 * world_size, "batch": 2, "seq": 500, "flops_per_token": 1e6,
         "peak_flops": None, "memory": {"peak_bytes": peak_bytes, "current_bytes": peak_bytes // 2, "source": "process RSS"},
         "losses": list(losses),
@@ -52,11 +54,29 @@ def make_doc(rows, **config_over):
     from anychip.bench import metrics, prices, report
 
     config = {
-        "workload": "gpt-tiny", "backends": [r["backend"] for r in rows], "selection": "auto", "steps": 3, "warmup": 1,
+        "workload": "gpt-tiny", "backends": [r["backend"] for r in rows], "selection": "auto", "steps": 3, "repeat": 1, "warmup": 1,
         "batch": 2, "seq": 500, "precision": "fp32", "kernels": "auto", "seed": 0, "timeout_s": 60.0,
         "parity_tolerance": 1e-3, "prices_as_of": prices.PRICES_AS_OF, "price_overrides": {}, "peak_tflops": {},
     }
     config.update(config_over)
-    metrics.add_parity(rows, config["parity_tolerance"])
+    metrics.add_parity(rows, config["parity_tolerance"], config.get("reference"))
     metrics.add_scaling(rows)
     return report.document(command=["anychip", "bench"], started_at=report.now_iso(), config=config, rows=rows, interrupted=False)
+
+
+def as_version_1(doc: dict) -> dict:
+    """``doc`` as a version-1 bench wrote it: no timed windows (per-step times in step_times_s
+    instead), no load, warnings, --reference or --repeat."""
+    import copy
+
+    old = copy.deepcopy(doc)
+    old["schema_version"] = 1
+    old.pop("warnings", None)
+    old["machine"].pop("load", None)
+    for key in ("reference", "repeat"):
+        old["config"].pop(key, None)
+    for row in old["rows"]:
+        row["step_times_s"] = row.pop("window_step_s")
+        for key in ("repeat", "tokens_per_s_interval", "samples_per_s_interval"):
+            del row[key]
+    return old

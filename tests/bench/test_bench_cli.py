@@ -157,13 +157,14 @@ def test_print_schema():
     import json
 
     code, out, _ = run_cli("bench", "--print-schema")
-    assert code == 0 and json.loads(out)["properties"]["schema_version"] == {"const": 1}
+    assert code == 0 and json.loads(out)["properties"]["schema_version"] == {"const": 2}
 
 
 def test_the_reproducing_command_names_nproc_only_for_several_processes():
     from anychip.cli import build_parser
 
-    config = {"batch": 64, "seq": 1, "precision": "fp32", "parity_tolerance": 1e-3, "nproc": [1], "parallel": None}
+    config = {"batch": 64, "seq": 1, "precision": "fp32", "parity_tolerance": 1e-3, "nproc": [1], "parallel": None, "repeat": 5,
+              "reference": "cpu"}
     plain = bench_cli._command(build_parser().parse_args(["bench"]), config)
     assert "--nproc" not in plain and "--parallel" not in plain
     scaled = bench_cli._command(build_parser().parse_args(["bench", "--nproc", "2,1"]), {**config, "nproc": [1, 2], "parallel": "ddp"})

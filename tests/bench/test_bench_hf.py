@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, requires("jax", "torchax", "transformers")]
 def test_an_hf_architecture_benches_on_cpu_and_jax_with_parity(tmp_path, model_type):
     out = tmp_path / "run.json"
     code, _, err = run_cli("bench", "--workload", f"hf:{model_type}", "--size", "tiny", "--backends", "cpu,jax:cpu",
-                           "--steps", "2", "--warmup", "1", "--json", str(out))
+                           "--steps", "2", "--repeat", "1", "--warmup", "1", "--json", str(out))
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert doc["config"]["workload"] == f"hf:{model_type}-tiny"

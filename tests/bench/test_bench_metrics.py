@@ -49,7 +49,7 @@ def test_trainium_per_core_peaks_add_up_to_the_chip():
 def _measured(**over):
     m = {
         "device_kind": "AMD EPYC", "devices": 1, "devices_used": 1, "versions": {"torch": "2.13.0"},
-        "setup_s": 1.0, "first_step_s": 2.0, "warmup_s": 2.5, "step_times_s": [0.5, 0.1, 0.3, 0.2, 0.4],
+        "setup_s": 1.0, "first_step_s": 2.0, "warmup_s": 2.5, "window_step_s": [0.5, 0.1, 0.3, 0.2, 0.4], "window_steps": 10,
         "tokens_per_step": 3000, "samples_per_step": 6, "batch": 6, "seq": 500, "flops_per_token": 1e6,
         "peak_flops": None, "memory": {"peak_bytes": 10, "current_bytes": 5, "source": "process RSS"},
         "losses": [3.0, 2.5, 2.0, 1.5, 1.25, 1.0],
@@ -61,15 +61,19 @@ def _measured(**over):
 def test_finish_row_by_hand():
     row = metrics.empty_row("cpu", "ok", None, "fp32")
     metrics.finish_row(row, _measured(), warmup=1, price_overrides={"cpu": 3.6}, peak_tflops={"*": 0.05})
-    # median step 0.3 s -> 10,000 tokens/s and 20 samples/s
+    # median window 0.3 s per step -> 10,000 tokens/s and 20 samples/s; p10 0.14 s, p90 0.46 s
     assert row["tokens_per_s"] == pytest.approx(10_000)
     assert row["samples_per_s"] == pytest.approx(20)
+    assert row["tokens_per_s_interval"] == pytest.approx([3000 / 0.46, 3000 / 0.14])
+    assert row["samples_per_s_interval"] == pytest.approx([6 / 0.46, 6 / 0.14])
     # 1e6 FLOPs/token x 1e4 tokens/s = 1e10 FLOP/s over a 0.05 TFLOP/s peak = 0.2
     assert row["peak_flops"] == pytest.approx(5e10) and row["mfu"] == pytest.approx(0.2)
     assert row["peak_flops_source"] == "--peak-tflops 0.05"
     # USD 3.6/h over 3.6e7 tokens/h = 1e-7 USD/token = 0.1 USD per million tokens
     assert row["usd_per_hour"] == 3.6 and row["usd_per_million_tokens"] == pytest.approx(0.1)
-    assert row["final_loss"] == 1.0 and row["steps"] == 5 and row["warmup_steps"] == 1
+    # 5 windows of 10 steps
+    assert row["final_loss"] == 1.0 and row["steps"] == 50 and row["repeat"] == 5 and row["warmup_steps"] == 1
+    assert row["window_step_s"] == [0.5, 0.1, 0.3, 0.2, 0.4]
 
 
 def test_finish_row_named_peak_and_devices_used_scale_cost():
@@ -105,30 +109,42 @@ def test_loss_parity():
         metrics.loss_parity(ref, ref, 0, "cpu")
 
 
-def test_add_parity_uses_the_first_finished_row_as_reference():
+def test_add_parity_is_against_the_reference_backend():
     failed = metrics.empty_row("cuda", "crashed", "boom", "fp32")
-    a = metrics.finish_row(metrics.empty_row("cpu", "ok", None, "fp32"), _measured(), warmup=1)
-    b = metrics.finish_row(metrics.empty_row("jax:cpu", "ok", None, "fp32"), _measured(losses=[3.0, 2.5, 2.0, 1.5, 1.25, 1.1]), warmup=1)
-    metrics.add_parity([failed, a, b], 1e-3)
+    a = metrics.finish_row(metrics.empty_row("jax:cpu", "ok", None, "fp32"), _measured(), warmup=1)
+    b = metrics.finish_row(metrics.empty_row("cpu", "ok", None, "fp32"), _measured(losses=[3.0, 2.5, 2.0, 1.5, 1.25, 1.1]), warmup=1)
+    assert metrics.add_parity([failed, a, b], 1e-3, "cpu") == []
     assert failed["parity"] is None
-    assert a["parity"]["reference"] == "cpu" and a["parity"]["max_rel_diff"] == 0.0
-    assert b["parity"]["first_step_over"] == 6 and b["parity"]["max_rel_diff"] == pytest.approx(0.1)
+    # cpu finished last, and is the reference all the same
+    assert b["parity"]["reference"] == "cpu" and b["parity"]["max_rel_diff"] == 0.0
+    assert a["parity"]["reference"] == "cpu" and a["parity"]["first_step_over"] == 6
+    assert a["parity"]["max_rel_diff"] == pytest.approx(0.1 / 1.1)
+    # a reference that did not finish: no figure for its world size, and a line that says why
+    notes = metrics.add_parity([failed, a, b], 1e-3, "cuda")
+    assert a["parity"] is None and b["parity"] is None
+    assert notes == ["parity: no figure for the rows of 1 process(es): the reference cuda has no losses (it is crashed)"]
+    # documents from before --reference: the first finished row of each world size
+    metrics.add_parity([failed, a, b], 1e-3)
+    assert a["parity"]["reference"] == "jax:cpu" and b["parity"]["reference"] == "jax:cpu"
 
 
-def test_tokens_per_second_come_from_the_throughput_window():
-    from anychip.bench import metrics
+def test_a_non_finite_loss_never_matches_as_in_anychip_parity():
+    from anychip.parity import compare
 
-    row = metrics.empty_row("cpu", "ok", None, "fp32")
-    measured = {
-        "device_kind": "x", "devices": 1, "devices_used": 1, "versions": {}, "setup_s": 0.0,
-        "first_step_s": 1.0, "warmup_s": 1.0, "step_times_s": [0.5, 0.5], "tokens_per_step": 100,
-        "samples_per_step": 4, "batch": 4, "seq": 25, "flops_per_token": None, "peak_flops": None,
-        "memory": None, "losses": [1.0] * 5, "throughput_window": {"steps": 2, "seconds": 0.4},
-    }
-    metrics.finish_row(row, measured, warmup=1)
-    # 2 steps x 100 tokens in 0.4 s = 500 tokens/s (the synced median alone would say 200)
-    assert row["tokens_per_s"] == 500.0 and row["samples_per_s"] == 20.0
-    assert row["steps"] == 4 and row["step_time_s"]["median"] == 0.5
+    both_nan = metrics.loss_parity([3.0, None], [3.0, None], 1e-3, "cpu")
+    assert both_nan.first_step_over == 2 and both_nan.as_dict()["max_rel_diff"] is None
+    assert compare({"cpu": [3.0, math.nan], "x": [3.0, math.nan]}, "cpu", 1e-3)["x"]["first_mismatch"] == 2
+
+
+def test_step_ms_and_tokens_per_second_come_from_the_same_windows():
+    # 4 windows: 0.10, 0.11, 0.12, 0.20 s per step; median 0.115, p10 0.103, p90 0.176
+    stats = metrics.window_statistics([0.12, 0.10, 0.20, 0.11], tokens_per_step=1150, samples_per_step=23)
+    st = stats["step_time_s"]
+    assert st == pytest.approx({"median": 0.115, "p10": 0.103, "p90": 0.176, "mean": 0.1325, "min": 0.10, "max": 0.20})
+    assert stats["tokens_per_s"] == pytest.approx(10_000) and stats["tokens_per_s"] == pytest.approx(1150 / st["median"])
+    assert stats["tokens_per_s_interval"] == pytest.approx([1150 / 0.176, 1150 / 0.103])
+    assert stats["samples_per_s"] == pytest.approx(200)
+    assert metrics.spread(st) == pytest.approx((0.176 - 0.103) / 0.115)
 
 
 # -- several processes (--nproc) ------------------------------------------------------------------
@@ -138,7 +154,7 @@ def _row(backend, world, tokens_per_step, step_s, status="ok", losses=None, **me
     row = metrics.empty_row(backend, status, None if status == "ok" else "boom", "fp32", world_size=world,
                             parallel="ddp" if world > 1 else None)
     if status == "ok":
-        m = _measured(step_times_s=[step_s], tokens_per_step=tokens_per_step, samples_per_step=6 * world, **measured)
+        m = _measured(window_step_s=[step_s], tokens_per_step=tokens_per_step, samples_per_step=6 * world, **measured)
         m["losses"] = losses or m["losses"]
         metrics.finish_row(row, m, warmup=1)
     return row
@@ -165,7 +181,7 @@ def test_parity_compares_rows_of_the_same_process_count_only():
     jax_one = _row("jax:cpu", 1, 3000, 0.3, losses=[3.0, 2.1])
     two = _row("cpu", 2, 6000, 0.4, losses=[3.0, 1.0])
     accel_two = _row("fake-accel", 2, 6000, 0.4, losses=[3.0, 1.0])
-    metrics.add_parity([one, jax_one, two, accel_two], 1e-3)
+    metrics.add_parity([one, jax_one, two, accel_two], 1e-3, "cpu")
     assert one["parity"]["reference"] == "cpu" and jax_one["parity"]["reference"] == "cpu"
     assert jax_one["parity"]["max_rel_diff"] == pytest.approx(0.05)
     assert two["parity"]["reference"] == "cpu (nproc 2)" and two["parity"]["first_step_over"] is None

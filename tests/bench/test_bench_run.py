@@ -18,7 +18,7 @@ from bench_support import run_cli
 from anychip.bench import schema
 
 pytestmark = pytest.mark.slow
-FAST = ["--workload", "mlp", "--steps", "4", "--warmup", "1", "--precision", "fp32"]
+FAST = ["--workload", "mlp", "--steps", "2", "--repeat", "2", "--warmup", "1", "--precision", "fp32"]
 
 
 def _rows(doc):
@@ -69,11 +69,12 @@ def test_failures_stay_rows_and_the_others_complete(fakes, tmp_path):
     cpu, accel = rows["cpu"], rows["fake-accel"]
     for r in (cpu, accel):
         assert len(r["losses"]) == 5  # every step's loss, warm-up included
-        # 4 timed steps: 2 in the throughput window, 2 timed one by one
-        assert r["throughput_window"]["steps"] == 2 and len(r["step_times_s"]) == 2 and r["steps"] == 4
+        # 2 timed windows of 2 steps; step ms and tokens/s from the same windows
+        assert r["repeat"] == 2 and len(r["window_step_s"]) == 2 and r["steps"] == 4
         assert r["step_time_s"]["p10"] <= r["step_time_s"]["median"] <= r["step_time_s"]["p90"]
-        window = r["throughput_window"]
-        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] * window["steps"] / window["seconds"])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_time_s"]["median"])
+        low, high = r["tokens_per_s_interval"]
+        assert low == pytest.approx(r["tokens_per_step"] / r["step_time_s"]["p90"]) and low <= r["tokens_per_s"] <= high
         assert r["first_step_s"] > 0 and r["startup_s"] > 0 and r["memory"]["peak_bytes"] > 0
         assert r["versions"]["torch"]
     # same seed, same init, same data: the two CPU-math backends agree exactly

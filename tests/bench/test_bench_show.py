@@ -8,7 +8,7 @@ import csv
 import json
 
 import pytest
-from bench_support import finished_row, make_doc, one_line, run_cli
+from bench_support import as_version_1, finished_row, make_doc, one_line, run_cli
 from support import requires
 
 from anychip.bench import metrics, report, schema
@@ -80,31 +80,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
         assert out == "" and expected in one_line(err) and one_line(err).startswith("anychip bench"), (argv, err)
 
 
-def _next_version(monkeypatch):
-    """This schema as its next version would be: number 2, with a required row field more."""
-    nxt = copy.deepcopy(schema.SCHEMA)
-    nxt["properties"]["schema_version"]["const"] = 2
-    row = nxt["properties"]["rows"]["items"]
-    row["properties"]["repeat"] = {"type": "integer", "minimum": 1}
-    row["required"].append("repeat")
-    monkeypatch.setattr(schema, "SCHEMA", nxt)
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
-
-
-def test_version_1_and_the_current_version_both_load(tmp_path, monkeypatch):
-    v1 = _saved(tmp_path, "v1.json")
-    _next_version(monkeypatch)
-    assert report.load(str(v1))["schema_version"] == 1  # lacks "repeat", which version 1 did not have
-    doc = json.loads(v1.read_text())
-    doc["schema_version"] = 2
-    (tmp_path / "v2-broken.json").write_text(json.dumps(doc))
+def test_version_1_and_the_current_version_both_load(tmp_path):
+    v2 = _saved(tmp_path, "v2.json")
+    doc = json.loads(v2.read_text())
+    assert report.load(str(v2))["schema_version"] == schema.SCHEMA_VERSION == 2
+    v1 = tmp_path / "v1.json"
+    v1.write_text(json.dumps(as_version_1(doc)))
+    assert report.load(str(v1))["schema_version"] == 1  # lacks "repeat" and the rest version 1 did not have
+    code, out, _ = run_cli("bench", "show", str(v1))
+    assert code == 0 and "step ms: median of the timed steps, each synchronised" in " ".join(out.split())
+    broken = copy.deepcopy(doc)
+    del broken["rows"][0]["repeat"]  # a version-2 document must have it
+    (tmp_path / "v2-broken.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="missing required field 'repeat'"):
         report.load(str(tmp_path / "v2-broken.json"))
-    for row in doc["rows"]:
-        row["repeat"] = 5
-    (tmp_path / "v2.json").write_text(json.dumps(doc))
-    assert report.load(str(tmp_path / "v2.json"))["rows"][0]["repeat"] == 5
-    broken = json.loads(v1.read_text())
+    broken = as_version_1(doc)
     del broken["rows"][0]["tokens_per_s"]  # a field version 1 had: still required
     (tmp_path / "v1-broken.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="missing required field 'tokens_per_s'"):

@@ -54,7 +54,7 @@ def document(*, command: list[str], started_at: str, config: dict, rows: list[di
 # :func:`load` reads this anychip's schema version and version 1. A version-1 document lacks the
 # fields below, and the renderers fall back where they are absent (no timed windows: the spread
 # comes from per-step times; no load, warnings or configured parity reference: no such line).
-ADDED_SINCE_V1 = frozenset({"repeat", "tokens_per_s_interval", "load", "warnings", "reference"})
+ADDED_SINCE_V1 = frozenset({"repeat", "window_step_s", "tokens_per_s_interval", "samples_per_s_interval", "load", "warnings", "reference"})
 
 
 def readable_versions() -> list[int]:
