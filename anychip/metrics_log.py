@@ -49,16 +49,18 @@ def _summary_writer():
     return SummaryWriter
 
 
-def _writable_dir(path: str) -> None:
-    """``path`` is, or becomes, a directory this process can write to; else a one-line error."""
+def check_log_dir(path: str, flag: str = "log_dir", owner: str | None = _OWN) -> None:
+    """``path`` is, or becomes, a directory this process can write to; else a one-line error
+    naming ``flag`` (the argument or command-line flag that gave it) and its ``owner``."""
+    who = f"{owner}: " if owner else ""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise InvalidArgumentError(f"{_OWN}: log_dir {path!r} is an existing file, not a directory; pass a directory (created if missing)")
+        raise InvalidArgumentError(f"{who}{flag} {path!r} is an existing file, not a directory; pass a directory (created if missing)")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise InvalidArgumentError(f"{_OWN}: cannot create log_dir {path!r} ({exc.strerror or exc}); {_WRITABLE}") from exc
+        raise InvalidArgumentError(f"{who}cannot create {flag} {path!r} ({exc.strerror or exc}); {_WRITABLE}") from exc
     if not os.access(path, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(f"{_OWN}: log_dir {path!r} is not writable; {_WRITABLE}")
+        raise InvalidArgumentError(f"{who}{flag} {path!r} is not writable; {_WRITABLE}")
 
 
 def _new_version(root: str) -> tuple[int, str]:
@@ -124,7 +126,7 @@ class MetricsLogger:
             raise InvalidArgumentError(f"{_OWN}: tensorboard=False and jsonl=False would write nothing; keep one of them True")
         writer_type = _summary_writer() if tensorboard else None
         self.root = os.path.abspath(os.path.expanduser(log_dir))
-        _writable_dir(self.root)
+        check_log_dir(self.root)
         self.closed, self._hooks, self._unflushed = False, [], 0
         self._file = self._writer = None
         self.version = self.run_dir = None  # None on the processes that do not write

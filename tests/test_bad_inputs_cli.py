@@ -44,6 +44,8 @@ FILES = {
     ),
     "not_a_result.json": json.dumps({"kind": "something else"}),
     "not_json.json": "{ this is not json",
+    "negative_prices.json": json.dumps({"prices": [{"match": "Xeon", "usd_per_device_hour": -1.0, "source": "https://example.com",
+                                                     "source_date": "2026-01-01"}]}),
 }
 HUGE = "99999999999"
 PLUGINS = "ANYCHIP_PLUGINS"
@@ -138,6 +140,14 @@ CASES = [
     ("bench-nproc-text", ["bench", "--nproc", "two"], {}, "--nproc: expected whole numbers such as 1,2,4, got 'two'"),
     ("bench-plugin-raises", ["bench"], {PLUGINS: "{tmp}/badcli_raises.py"}, "badcli_raises.py' named in $ANYCHIP_PLUGINS failed on import"),
     ("bench-plugin-not-importable", ["bench"], {PLUGINS: "no_such_plugin_badcli"}, "'no_such_plugin_badcli'"),
+    ("bench-repeat-zero", ["bench", "--repeat", "0"], {}, "--repeat"),
+    ("bench-reference-not-compared", ["bench", "--backends", "cpu", "--reference", "nosuch"], {}, "--reference nosuch"),
+    ("bench-log-dir-a-file", ["bench", "--log-dir", "{tmp}/not_json.json"], {}, "--log-dir"),
+    ("bench-profile-without-log-dir", ["bench", "--profile", "2"], {}, "--profile 2 needs --log-dir"),
+    ("bench-prices-missing", ["bench", "--prices", "{tmp}/no_such_prices.json"], {}, "no_such_prices.json"),
+    ("bench-prices-not-json", ["bench", "--prices", "{tmp}/not_json.json"], {}, "not_json.json"),
+    ("bench-prices-negative", ["bench", "--prices", "{tmp}/negative_prices.json"], {}, "negative_prices.json"),
+    ("show-not-a-result", ["bench", "show", "{tmp}/not_a_result.json"], {}, "not_a_result.json"),
     # bench compare
     ("compare-missing-files", ["bench", "compare", "{tmp}/a.json", "{tmp}/b.json"], {}, "a.json"),
     ("compare-not-json", ["bench", "compare", "{tmp}/not_json.json", "{tmp}/not_json.json"], {}, "not_json.json is not JSON"),

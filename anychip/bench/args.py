@@ -120,14 +120,20 @@ def register(subparsers) -> None:
     p.add_argument("--md", metavar="PATH", help="write a Markdown table")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: throughput, MFU, memory, cost, loss curves and loss differences")
     p.add_argument("--wide", action="store_true", help="every column (device, compile time, spreads, samples/s, final loss, versions)")
+    p.add_argument("--log-dir", metavar="DIR", default=None,
+                   help="per-step metrics of every row (metrics.jsonl + TensorBoard) in DIR/<backend>/version_N, written after timing")
+    p.add_argument("--profile", type=positive_int, default=None, metavar="STEPS",
+                   help="after the timed windows, trace STEPS more steps of every row into its --log-dir run")
     p.add_argument(
         "--price",
         type=_price,
         action="append",
         default=[],
         metavar="NAME=USD_PER_HOUR",
-        help="USD per device-hour for a backend name or device kind (repeatable); overrides the dated table in anychip/bench/prices.py",
+        help="USD per device-hour for a backend name or device kind (repeatable); overrides the price table",
     )
+    p.add_argument("--prices", metavar="FILE", default=None,
+                   help="a price table in the format of anychip/bench/prices.json, used instead of the dated default one")
     p.add_argument(
         "--peak-tflops",
         type=_peak,

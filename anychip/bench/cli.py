@@ -105,12 +105,19 @@ def cmd_bench(args) -> int:
     reference = plan.parity_reference(planned, args.reference)
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
         _check_output(flag, path)
+    if args.profile is not None and args.log_dir is None:
+        raise UsageError(f"--profile {args.profile} needs --log-dir DIR, where each row's trace is written")
+    if args.log_dir is not None:
+        from anychip.metrics_log import check_log_dir
+
+        check_log_dir(args.log_dir, flag="--log-dir", owner=None)  # a file, or a directory that cannot be made: one line now
     if args.plot:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("--plot needs matplotlib: pip install 'anychip[bench]'")
     price_overrides = dict(args.price)
+    price_table = prices.load(args.prices) if args.prices else prices.DEFAULT  # a bad file: one line, before any row runs
     peak_tflops = dict(args.peak_tflops)
     tolerance = args.rtol if args.rtol is not None else default_rtol(precision)
 
@@ -129,7 +136,7 @@ def cmd_bench(args) -> int:
         "timeout_s": args.timeout,
         "parity_tolerance": tolerance,
         "reference": reference,
-        "prices_as_of": prices.PRICES_AS_OF,
+        "prices_as_of": price_table.as_of,
         "price_overrides": price_overrides,
         "peak_tflops": peak_tflops,
         "nproc": list(args.nproc),
@@ -141,7 +148,7 @@ def cmd_bench(args) -> int:
     with interrupts.Interrupts() as stop:
         interrupted = False
         try:
-            _run_rows(args, rows, config, price_overrides, peak_tflops, loads)
+            _run_rows(args, rows, config, price_overrides, peak_tflops, loads, price_table)
             stop.hold()  # every row is done: a stop request now changes the exit status only
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: the handlers record any further one
             interrupted = True
@@ -200,6 +207,10 @@ def _command(args, config) -> list[str]:
            "--timeout", f"{args.timeout:g}", "--reference", config["reference"], "--rtol", f"{config['parity_tolerance']:g}"]
     for name, usd in args.price:
         cmd += ["--price", f"{name}={usd:g}"]
+    if args.prices:
+        cmd += ["--prices", args.prices]
+    if args.log_dir:
+        cmd += ["--log-dir", args.log_dir] + (["--profile", str(args.profile)] if args.profile else [])
     for name, tflops in args.peak_tflops:
         cmd += ["--peak-tflops", f"{tflops:g}" if name == "*" else f"{name}={tflops:g}"]
     if config["nproc"] != [1]:  # config["parallel"] is set exactly then
@@ -246,7 +257,7 @@ def _note_load(loads: list[float]) -> None:
         pass
 
 
-def _run_rows(args, rows, config, price_overrides, peak_tflops, loads: list[float]) -> None:
+def _run_rows(args, rows, config, price_overrides, peak_tflops, loads: list[float], price_table=None) -> None:
     """Run every planned row (a backend at a process count) in turn under a live progress
     display, filling ``rows`` in place: a KeyboardInterrupt leaves the finished ones filled and
     the one in flight with status "running". The load average before and after each row is
@@ -303,6 +314,7 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops, loads: list[floa
                     backend=row["backend"], workload=args.workload, steps=args.steps, warmup=args.warmup,
                     batch=config["batch"], seq=config["seq"], precision=precision, kernels=args.kernels, seed=args.seed,
                     nproc=row["world_size"], parallel=row["parallel"], repeat=args.repeat,
+                    log_dir=os.path.abspath(args.log_dir) if args.log_dir else None, profile=args.profile or 0,
                 )
                 outcome = supervise.run_backend(spec, args.timeout, on_event)
                 _note_load(loads)
@@ -311,7 +323,8 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops, loads: list[floa
                     row.update(device_kind=outcome.ready["device_kind"] or "", devices=outcome.ready["devices"],
                                versions=dict(outcome.ready["versions"]), layout=outcome.ready["layout"])
                 if outcome.status == "ok":
-                    metrics.finish_row(row, outcome.measured, warmup=args.warmup, price_overrides=price_overrides, peak_tflops=peak_tflops)
+                    metrics.finish_row(row, outcome.measured, warmup=args.warmup, price_overrides=price_overrides, peak_tflops=peak_tflops,
+                                       price_table=price_table)
                     progress.update(task, completed=total, phase=f"[green]done[/] {row['tokens_per_s']:,.0f} tokens/s")
                 else:
                     row["log_tail"] = outcome.log_tail

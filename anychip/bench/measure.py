@@ -63,6 +63,8 @@ class RunSpec:
     nproc: int = 1  # processes; > 1: launched by torchrun, batch per process, N x batch per step
     parallel: str | None = None  # TrainStep(parallel=...) of an nproc > 1 row: "ddp" or "fsdp"
     repeat: int = 1  # timed windows of `steps` updates each
+    log_dir: str | None = None  # per-step metrics of the row (anychip.metrics_log), written after the windows
+    profile: int = 0  # > 0: trace this many extra steps after the windows into the row's log directory
 
     def __post_init__(self) -> None:
         if not (isinstance(self.repeat, int) and self.repeat >= 1):
@@ -183,6 +185,8 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
     # The losses are read after the last window: StepOutput keeps them on the device, so
     # recording every step's loss costs the timed windows nothing.
     losses = [out.loss for out in outputs]
+    if spec.log_dir:
+        _write_log(spec, backend, step, outputs, warm_times, window_step_s, batches)
     # Of the devices one process drives; finish_row scales it to the devices the row uses.
     peak = backend.peak_flops(spec.precision)
     per_process = backend.devices_in_use
@@ -222,6 +226,42 @@ def measure(spec: RunSpec, emit: Callable[..., None]) -> dict:
         "memory": {"peak_bytes": memory.peak_bytes, "current_bytes": memory.current_bytes, "source": memory.source},
         "losses": losses,
     }
+
+
+def row_log_name(backend: str, nproc: int) -> str:
+    """The sub-directory of ``--log-dir`` that holds one row's runs: ``jax_cpu``, ``cpu-nproc2``."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in backend)
+    return name if nproc == 1 else f"{name}-nproc{nproc}"
+
+
+def _write_log(spec: RunSpec, backend, step, outputs, warm_times, window_step_s, batches) -> None:
+    """Every step of the row (warm-up and windows) into ``log_dir/<row>/version_N`` through
+    MetricsLogger, read once the windows are over, so logging never runs inside the clock; a
+    step's time is its own for a warm-up step and its window's seconds per step for a timed one.
+    With ``profile``, that many more steps run afterwards under the profiler (every rank trains
+    them, rank 0 traces them)."""
+    from anychip.metrics_log import MetricsLogger, StepProfiler, step_record, tensorboard_available
+
+    times = list(warm_times) + [t for t in window_step_s for _ in range(spec.steps)]
+    logger = MetricsLogger(os.path.join(spec.log_dir, row_log_name(spec.backend, spec.nproc)), tensorboard=tensorboard_available())
+    try:
+        now = time.time()
+        for out, seconds in zip(outputs, times):
+            logger.log(step_record(out, seconds, now))
+        if spec.profile:
+            jax_like = getattr(backend.registration, "engine", None) == "jax"  # jax.profiler sees the jitted step
+            profiler = StepProfiler(logger.run_dir, spec.profile, warmup=1, jax=jax_like,
+                                    synchronize=step.synchronize) if logger.run_dir else None
+            try:
+                for i in range(1 + spec.profile):
+                    step(batches[spec.warmup + i % spec.steps])
+                    if profiler is not None:
+                        profiler.step()
+            finally:
+                if profiler is not None:
+                    profiler.close()
+    finally:
+        logger.close()
 
 
 def _connect(path: str) -> socket.socket:

@@ -237,8 +237,10 @@ def finish_row(
     warmup: int,
     price_overrides: dict[str, float] | None = None,
     peak_tflops: dict[str, float] | None = None,
+    price_table: prices.PriceTable | None = None,
 ) -> dict:
-    """Fill ``row`` from a child's measurements and derive throughput, MFU and cost."""
+    """Fill ``row`` from a child's measurements and derive throughput, MFU and cost (prices from
+    ``price_table``, the dated default one unless given)."""
     windows = [float(x) for x in measured["window_step_s"]]
     losses = [float(x) if x is not None and math.isfinite(float(x)) else None for x in measured["losses"]]
     stats = window_statistics(windows, measured["tokens_per_step"], measured["samples_per_step"])
@@ -287,7 +289,7 @@ def finish_row(
         row["peak_flops"] = process_peak * devices_used / per_process
     row["mfu"] = mfu(tokens_s, row["flops_per_token"], row["peak_flops"])
 
-    quote = prices.quote(row["backend"], row["device_kind"], price_overrides)
+    quote = prices.quote(row["backend"], row["device_kind"], price_overrides, price_table)
     if quote is not None:
         row["price"] = {"usd_per_device_hour": quote.usd_per_device_hour, "source": quote.source}
         row["usd_per_hour"] = quote.usd_per_device_hour * devices_used
