@@ -180,3 +180,18 @@ def run_command(args, command: str) -> int:
         print(f"anychip {command}: internal error: {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def check_output(flag: str, path: str | None) -> None:
+    """An output path that cannot be written is a usage error, found before any work starts."""
+    if path is None:
+        return
+    if not path.strip():
+        raise UsageError(f"{flag}: empty path")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")

@@ -46,25 +46,13 @@ import os
 import sys
 
 from anychip.bench import interrupts, plan
-from anychip.cliargs import UsageError
+from anychip.cliargs import UsageError, check_output
 from anychip.parity import default_rtol
 
 
 # -- checking and running ------------------------------------------------------------------
 
 
-def _check_output(flag: str, path: str | None) -> None:
-    if path is None:
-        return
-    if not path.strip():
-        raise UsageError(f"{flag}: empty path")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UsageError(f"{flag} {path}: not writable")
 
 
 def cmd_bench(args) -> int:
@@ -104,7 +92,7 @@ def cmd_bench(args) -> int:
     precision = policy(args.precision).name if args.precision is not None else plan.default_precision(planned)
     reference = plan.parity_reference(planned, args.reference)
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
-        _check_output(flag, path)
+        check_output(flag, path)
     if args.profile is not None and args.log_dir is None:
         raise UsageError(f"--profile {args.profile} needs --log-dir DIR, where each row's trace is written")
     if args.log_dir is not None:

@@ -178,6 +178,11 @@ def columns(doc: dict, wide: bool = False) -> tuple[Column, ...]:
     return tuple(c for c in COLUMNS if c.shown != hidden and (multi or not c.multi))
 
 
+def _timed(config: dict) -> str:
+    repeat = config.get("repeat")  # absent in version-1 documents: one timed run of `steps`
+    return f"{repeat} x {config['steps']} timed steps" if repeat else f"{config['steps']} timed steps"
+
+
 def title(doc: dict) -> str:
     c = doc["config"]
     shape = f"batch {c['batch']} x seq {c['seq']}" if c["batch"] and c["seq"] else "default batch"
@@ -186,5 +191,5 @@ def title(doc: dict) -> str:
         shape += f", {','.join(map(str, c.get('nproc') or [1]))} process(es) ({c.get('parallel') or 'ddp'})"
     return (
         f"anychip bench: {c['workload']}, {shape}, {c['precision']}, "
-        f"{c['warmup']} warm-up + {c['steps']} timed steps, seed {c['seed']}"
+        f"{c['warmup']} warm-up + {_timed(c)}, seed {c['seed']}"
     )
