@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The run's table on the terminal, and its JSON, Markdown and plot under demo/ (git ignores it).
 demo: setup
-	$(BIN)/anychip bench
+	mkdir -p demo
+	$(BIN)/anychip bench --json demo/bench.json --md demo/bench.md --plot demo/bench.png
 
 # Lint, the main suite, then the neuron-xla subset; any failing fails `make test`.
 test: setup

@@ -44,8 +44,7 @@ from anychip.errors import BackendError
 # fp32 differs in reduction order only: 1.9e-7 / 2.8e-7 (tests/test_jax_parity.py: <= 2e-7 over
 # 10 steps; the conformance suite bounds jax:cpu and neuron-xla at 1e-5); 1e-3 leaves room for GPU
 # kernels that sum in other orders. bf16 autocast rounds every matmul input to 8 bits of
-# mantissa: 2.9e-5 / 4.8e-4 (tests/test_precision_parity.py: 1.7e-5..9.3e-5 over 10 steps), and
-# 1.6e-2 on GPT-2 small on an H100 (cuda vs jax:gpu, 45 steps). bf16-pure keeps weights and
+# mantissa: 2.9e-5 / 4.8e-4 (tests/test_precision_parity.py: 1.7e-5..9.3e-5 over 10 steps). bf16-pure keeps weights and
 # optimizer state in bf16 too: 7.8e-5 / 2.3e-3, and within 2e-2 after 4 mlp steps (tests/test_jax_step.py).
 RTOL = {"fp32": 1e-3, "bf16": 3e-2, "bf16-pure": 6e-2}
 

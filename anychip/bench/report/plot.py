@@ -47,6 +47,9 @@ def _bars(ax, doc, colour, values, texts, *, ylabel, title_text, missing_text, y
     ax.set_title(title_text, fontsize=10)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     ax.margins(y=0.18)
+    if not any(heights):  # nothing to draw: a 0..1 axis with the labels, not a range around zero
+        ax.set_ylim(0, 1)
+        ax.set_yticks([])
     return bars
 
 
