@@ -202,7 +202,7 @@ JAX_CASES = [
 CASES = TRAIN_STEP + SPECS + SCHEDULES + LOSS_AND_BATCH + JAX_CASES
 
 
-def test_the_audit_is_large_and_distinct():
+def test_the_cases_are_many_and_distinct():
     ids = [c.id for c in CASES]
     assert len(ids) >= 100 and len(set(ids)) == len(ids)
 

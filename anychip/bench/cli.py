@@ -50,11 +50,6 @@ from anychip.cliargs import UsageError, check_output
 from anychip.parity import default_rtol
 
 
-# -- checking and running ------------------------------------------------------------------
-
-
-
-
 def cmd_bench(args) -> int:
     if args.bench_command == "compare":
         return cmd_compare(args)
@@ -157,6 +152,8 @@ def cmd_bench(args) -> int:
             report.print_table(doc, wide=getattr(args, "wide", False))
         except OSError as exc:  # stdout closed (a pipe whose reader left): the files still get written
             print(f"anychip bench: warning: cannot print the table: {exc.strerror or exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - a rendering bug must never cost the measured rows their files
+            print(f"anychip bench: warning: cannot print the table ({type(exc).__name__}: {exc}); writing the files", file=sys.stderr)
         failed_writes = _write_outputs(args, doc)
     if interrupted or stop.received:
         return stop.exit_code()  # 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP)
@@ -251,6 +248,7 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops, loads: list[floa
     the one in flight with status "running". The load average before and after each row is
     appended to ``loads``."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from anychip.bench import metrics, processes, supervise
@@ -292,7 +290,7 @@ def _run_rows(args, rows, config, price_overrides, peak_tflops, loads: list[floa
                 def on_event(event, task=task):  # only events that passed events.parse
                     kind = event["event"]
                     if kind == "ready":
-                        progress.update(task, phase=f"warm-up on {event['device_kind'] or '?'} (compiling)")
+                        progress.update(task, phase=f"warm-up on {escape(event['device_kind'] or '?')} (compiling)")
                     elif kind == "step" and event["phase"] == "warmup":
                         progress.update(task, completed=event["done"], phase=f"warm-up {event['done']}/{event['total']}")
                     elif kind == "step":

@@ -44,8 +44,11 @@ _CHECKS = {
     # a diverged step's loss is NaN or infinite, which the row records as null
     "losses": lambda v: isinstance(v, list) and all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v),
     "step times": lambda v: isinstance(v, list) and len(v) > 0 and all(_number(x) and x > 0 for x in v),
-    "layout": lambda v: isinstance(v, dict) and all(x is None or isinstance(x, str) or _int(x) for x in v.values()),
+    # anychip.distributed.Layout.as_dict(): the report reads every one of these keys
+    "layout": lambda v: isinstance(v, dict) and set(LAYOUT_KEYS) <= set(v)
+    and all(x is None or isinstance(x, str) or _int(x) for x in v.values()),
 }
+LAYOUT_KEYS = ("engine", "world_size", "rank", "local_rank", "local_world_size", "coordinator", "nodes")
 _CHECKS["memory"] = _shape({"peak_bytes": "int|null", "current_bytes": "int|null", "source": "str"})
 for _alternatives in ("int|null", "str|null", "number|null", "object|null", "layout|null"):
     _CHECKS[_alternatives] = lambda v, _names=_alternatives.split("|"): any(_CHECKS[n](v) for n in _names)

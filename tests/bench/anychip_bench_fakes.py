@@ -12,7 +12,7 @@ behaviour changed; none is ever auto-selected (``auto=False``).
   as long as it took, so its steps take about twice as long under the same backend name;
 - ``fake-missing``: never available.
 
-Faults of the fault audit (tests/bench/test_bench_faults.py), each inside update ``FAIL_AT``:
+Faults injected by tests/bench/test_bench_faults.py, each inside update ``FAIL_AT``:
 
 - ``fake-segv`` / ``fake-abort``: SIGSEGV to itself / ``os.abort()`` (SIGABRT);
 - ``fake-hang-noterm``: ignores SIGTERM, then hangs like ``fake-hang``;

@@ -174,3 +174,15 @@ def test_two_runs_compare_same_and_a_twice_slower_backend_is_flagged(fakes, tmp_
         assert code == 0, err
     assert run_cli("bench", "compare", paths["a"], paths["a2"])[0] == 0
     assert run_cli("bench", "compare", paths["a"], paths["b"])[0] == 1
+
+
+def test_one_window_has_no_interval_so_a_change_is_at_most_inconclusive():
+    """--repeat 1 gives a zero-width interval: a drop beyond --max-regression is inconclusive,
+    never a regression decided on one window of each run."""
+    from anychip.bench.report.compare import throughput, verdict
+
+    a = {"tokens_per_s": 1000.0, "tokens_per_s_interval": [1000.0, 1000.0], "repeat": 1}
+    b = {"tokens_per_s": 500.0, "tokens_per_s_interval": [500.0, 500.0], "repeat": 1}
+    ta, tb = throughput(a, 2), throughput(b, 2)
+    assert ta.interval is None and tb.interval is None
+    assert verdict(ta, tb, 0.05) == "inconclusive"

@@ -1,11 +1,11 @@
-"""The fault audit of `anychip bench`: whatever a worker does, and whatever signal reaches the
+"""Faults injected into `anychip bench`: whatever a worker does, and whatever signal reaches the
 bench, the rows that finished are written, every faulty row says what happened in one line, the
 exit status says how the run ended, and no process of the run is left.
 
 The real CLI runs as a subprocess with the test-only backends of tests/bench/anychip_bench_fakes.py.
 Five benches run side by side to keep the time down (a row's time is mostly its interpreter
 start-up, and a timeout is time the CPU is free): the fault rows of :data:`FAULTS` in two
-(:data:`AUDITS`: the two that wait out the timeout apart from the rest), each with a ``cpu``
+(:data:`FAULT_RUNS`: the two that wait out the timeout apart from the rest), each with a ``cpu``
 row that must finish, and one per stop request of :data:`STOPS`, sent while that bench's
 ``fake-hang`` row hangs.
 """
@@ -30,7 +30,7 @@ TIMEOUT = 20  # s per row: well above a healthy row's time on a loaded 2-core ma
 RUN_ID_ENV, HANG_MARKER_ENV = "ANYCHIP_FAKE_RUN_ID", "ANYCHIP_FAKE_HANG_MARKER"
 AFTER_WARMUP = "(last progress: warm-up step 1/1 done)"
 
-# Every fault row of the audit: the status it must end with, and what its one-line error says.
+# Every fault row: the status it must end with, and what its one-line error says.
 FAULTS = {
     "fake-hang-noterm": ("timeout", f"no result within --timeout {TIMEOUT} s, killed {AFTER_WARMUP}"),
     "fake-memory": ("timeout", f"no result within --timeout {TIMEOUT} s, killed {AFTER_WARMUP}"),
@@ -45,10 +45,10 @@ FAULTS = {
     "fake-event-number": ("failed", "malformed event from the worker, killed: a JSON number, not an object: b'42'"),
     "fake-event-binary": ("failed", "malformed event from the worker, killed: not UTF-8: "),
 }
-# The bench runs of the audit: the finished row before the faults (a fault must not lose it)
+# The bench runs with faults: the finished row before the faults (a fault must not lose it)
 # and after them (nor stop the run).
 _WAITING = [name for name, (status, _) in FAULTS.items() if status == "timeout"]
-AUDITS = {"quick": ["cpu", *(name for name in FAULTS if name not in _WAITING)], "timeouts": [*_WAITING, "cpu"]}
+FAULT_RUNS = {"quick": ["cpu", *(name for name in FAULTS if name not in _WAITING)], "timeouts": [*_WAITING, "cpu"]}
 # Stop requests sent to a bench of cpu,fake-hang,fake-accel while fake-hang hangs: the signals
 # (SPACING apart), the exit status and how the rows name the first signal. The storm (None)
 # repeats SIGINT until the bench has written its last output file: through the whole clean-up
@@ -58,6 +58,7 @@ STOPS = {
     "sigint": ((signal.SIGINT,), 130, "SIGINT (Ctrl-C)"),
     "double-sigint": ((signal.SIGINT, signal.SIGINT), 130, "SIGINT (Ctrl-C)"),
     "sigterm": ((signal.SIGTERM,), 143, "SIGTERM"),
+    "sighup": ((signal.SIGHUP,), 129, "SIGHUP"),
     "sigint-storm": (None, 130, "SIGINT (Ctrl-C)"),
 }
 
@@ -163,11 +164,11 @@ class _Bench:
 
 @pytest.fixture(scope="module")
 def benches(tmp_path_factory):
-    """The audit and one bench per stop request, run side by side, all finished."""
+    """The fault runs and one bench per stop request, run side by side, all finished."""
     root = tmp_path_factory.mktemp("faults")
-    audits = {name: _Bench(root / name, backends) for name, backends in AUDITS.items()}
+    fault_runs = {name: _Bench(root / name, backends) for name, backends in FAULT_RUNS.items()}
     stops = {name: _Bench(root / name, ["cpu", "fake-hang", "fake-accel"]) for name in STOPS}
-    everything = [*audits.values(), *stops.values()]
+    everything = [*fault_runs.values(), *stops.values()]
     try:
         deadline = time.monotonic() + 2 * TIMEOUT + 240
         waiting = dict(stops)
@@ -179,24 +180,24 @@ def benches(tmp_path_factory):
             time.sleep(0.05)
         for bench in everything:
             bench.finish(deadline)
-        yield audits, stops
+        yield fault_runs, stops
     finally:
         for bench in everything:
             bench.clean_up()
 
 
-def _audit_of(audits, name: str) -> "_Bench":
-    return next(bench for key, bench in audits.items() if name in AUDITS[key])
+def _run_of(fault_runs, name: str) -> "_Bench":
+    return next(bench for key, bench in fault_runs.items() if name in FAULT_RUNS[key])
 
 
 @pytest.mark.slow
 @needs_proc
-@pytest.mark.parametrize("audit", list(AUDITS))
-def test_the_finished_rows_survive_every_fault(benches, audit):
-    bench = benches[0][audit]
+@pytest.mark.parametrize("fault_run", list(FAULT_RUNS))
+def test_the_finished_rows_survive_every_fault(benches, fault_run):
+    bench = benches[0][fault_run]
     assert bench.proc.returncode == 1, bench.stderr[-3000:]  # rows failed: 1, as for any failed row
     rows = bench.rows()
-    assert [r["backend"] for r in bench.doc["rows"]] == AUDITS[audit]
+    assert [r["backend"] for r in bench.doc["rows"]] == FAULT_RUNS[fault_run]
     assert schema.validate(bench.doc) == [] and bench.doc["interrupted"] is False
     for name in ("cpu", "fake-escape"):
         if name in rows:
@@ -206,16 +207,16 @@ def test_the_finished_rows_survive_every_fault(benches, audit):
             assert len(row["losses"]) == 3 and len(row["window_step_s"]) == 1
             assert row["losses"] == rows["cpu"]["losses"]  # the same CPU math
     with open(bench.out["csv"]) as fh:
-        assert [r["status"] for r in csv.DictReader(fh)] == [rows[n]["status"] for n in AUDITS[audit]]
+        assert [r["status"] for r in csv.DictReader(fh)] == [rows[n]["status"] for n in FAULT_RUNS[fault_run]]
     markdown = bench.out["md"].read_text()
-    assert all(f"| {name} | {rows[name]['status']} |" in markdown for name in AUDITS[audit])
+    assert all(f"| {name} | {rows[name]['status']} |" in markdown for name in FAULT_RUNS[fault_run])
 
 
 @pytest.mark.slow
 @needs_proc
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_each_fault_row_has_its_status_and_a_one_line_error(benches, name):
-    bench = _audit_of(benches[0], name)
+    bench = _run_of(benches[0], name)
     row = bench.rows()[name]
     status, error = FAULTS[name]
     assert row["status"] == status, row["error"]
@@ -230,9 +231,9 @@ def test_each_fault_row_has_its_status_and_a_one_line_error(benches, name):
 
 @pytest.mark.slow
 @needs_proc
-@pytest.mark.parametrize("audit, marked", [("quick", 1), ("timeouts", 2)])
-def test_no_process_of_the_audit_is_left(benches, audit, marked):
-    bench = benches[0][audit]
+@pytest.mark.parametrize("fault_run, marked", [("quick", 1), ("timeouts", 2)])
+def test_no_process_of_a_fault_run_is_left(benches, fault_run, marked):
+    bench = benches[0][fault_run]
     # the hanging rows and fake-escape's sleep wrote their pids: they ran, and they are gone
     assert len(bench.pids()) == marked and not any(_alive(p) for p in bench.pids())
     assert bench.left == []
@@ -264,7 +265,8 @@ def _event(kind: str, **fields) -> bytes:
 
 
 ROW = {"device_kind": "cpu", "devices": 1, "devices_used": 1, "devices_per_process": 1, "world_size": 1, "parallel": None,
-       "layout": {"engine": None, "world_size": 1}, "cpu_threads": 2, "versions": {"torch": "2.13.0"}, "setup_s": 0.1,
+       "layout": {"engine": None, "world_size": 1, "rank": 0, "local_rank": 0, "local_world_size": 1, "coordinator": None,
+                  "nodes": 1}, "cpu_threads": 2, "versions": {"torch": "2.13.0"}, "setup_s": 0.1,
        "first_step_s": 0.2, "warmup_s": 0.2, "window_step_s": [0.01, 0.02], "window_steps": 2, "tokens_per_step": 64,
        "samples_per_step": 64, "batch": 64, "seq": 1, "flops_per_token": 1e3, "peak_flops": None,
        "memory": {"peak_bytes": 1, "current_bytes": None, "source": "process RSS"}, "losses": [2.0, float("nan")]}
@@ -292,6 +294,8 @@ def test_well_formed_events_pass():
     (b'{"event": "result", "row": {}}', "result row without 'device_kind'"),
     (b'{"event": "ready", "devices": 1, "versions": {}, "layout": null}', "'ready' event without 'device_kind'"),
     (b'{"event": "error", "error": 3}', "'error' event has error=3, expected str"),
+    (b'{"event": "ready", "device_kind": "x", "devices": 1, "versions": {}, "layout": {}}',
+     "'ready' event has layout={}, expected layout|null"),
     (b'{"event": 7}', "unknown event kind 7"),
     (b'{"event": "done"}', "unknown event kind 'done'"),
 ])

@@ -70,7 +70,9 @@ def throughput(row: dict, version: int) -> Throughput | None:
         if not row.get("tokens_per_s"):
             return None
         interval = row.get("tokens_per_s_interval")
-        return Throughput(float(row["tokens_per_s"]), (float(interval[0]), float(interval[1])) if interval else None)
+        # One window (--repeat 1) has no spread: its interval is a point, which says nothing of the noise.
+        spread = interval is not None and (row.get("repeat") or 2) >= 2 and interval[1] > interval[0]
+        return Throughput(float(row["tokens_per_s"]), (float(interval[0]), float(interval[1])) if spread else None)
     st, tokens = row.get("step_time_s"), row.get("tokens_per_step")
     if not st or not tokens or st["median"] <= 0:
         return None
