@@ -254,7 +254,8 @@ def cmd_parity(args) -> int:
 def register(subparsers) -> None:
     """Add ``anychip parity`` to the CLI (called by :func:`anychip.cli.build_parser`)."""
     p = subparsers.add_parser("parity", help="train on several backends and compare the loss step by step")
-    p.add_argument("--workload", default="gpt-tiny", help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small, hf:<model_type>[-small] or pkg.module:factory")
+    p.add_argument("--workload", default="gpt-tiny",
+                   help="mlp, gpt-tiny, gpt-small, llama-tiny, llama-small, hf:<model_type>[-small] or pkg.module:factory")
     p.add_argument("--backends", default="cpu,jax:cpu", help="comma-separated backends to compare (default: cpu,jax:cpu)")
     p.add_argument("--reference", default=None, metavar="BACKEND",
                    help="the backend the others are compared with (default: cpu when compared, else the first of --backends)")
