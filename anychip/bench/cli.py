@@ -46,7 +46,8 @@ import os
 import sys
 
 from anychip.bench import interrupts, plan
-from anychip.cliargs import UsageError, check_output
+from anychip.bench.report.outputs import check_outputs, write_outputs
+from anychip.cliargs import UsageError
 from anychip.parity import default_rtol
 
 
@@ -86,19 +87,13 @@ def cmd_bench(args) -> int:
     row_plan, one_process = plan.plan_rows(planned, args.nproc, explicit=chosen_by == "named")
     precision = policy(args.precision).name if args.precision is not None else plan.default_precision(planned)
     reference = plan.parity_reference(planned, args.reference)
-    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md), ("--plot", args.plot)):
-        check_output(flag, path)
+    check_outputs(_outputs(args))
     if args.profile is not None and args.log_dir is None:
         raise UsageError(f"--profile {args.profile} needs --log-dir DIR, where each row's trace is written")
     if args.log_dir is not None:
         from anychip.metrics_log import check_log_dir
 
         check_log_dir(args.log_dir, flag="--log-dir", owner=None)  # a file, or a directory that cannot be made: one line now
-    if args.plot:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib: pip install 'anychip[bench]'")
     price_overrides = dict(args.price)
     price_table = prices.load(args.prices) if args.prices else prices.DEFAULT  # a bad file: one line, before any row runs
     peak_tflops = dict(args.peak_tflops)
@@ -154,7 +149,7 @@ def cmd_bench(args) -> int:
             print(f"anychip bench: warning: cannot print the table: {exc.strerror or exc}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - a rendering bug must never cost the measured rows their files
             print(f"anychip bench: warning: cannot print the table ({type(exc).__name__}: {exc}); writing the files", file=sys.stderr)
-        failed_writes = _write_outputs(args, doc)
+        failed_writes = write_outputs(doc, _outputs(args), wide=getattr(args, "wide", False))
     if interrupted or stop.received:
         return stop.exit_code()  # 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP)
     tolerated = {"unavailable"} if chosen_by == "all" else set()
@@ -162,26 +157,8 @@ def cmd_bench(args) -> int:
     return 1 if bad or failed_writes or invalid else 0
 
 
-def _write_outputs(args, doc) -> int:
-    """Write every requested file, each on its own (one that fails does not stop the others);
-    the number that failed."""
-    from anychip.bench import report
-
-    failed = 0
-    for flag, path, write in (
-        ("--json", args.json, report.write_json),
-        ("--csv", args.csv, report.write_csv),
-        ("--md", args.md, report.write_markdown),
-        ("--plot", args.plot, report.write_plot),
-    ):
-        if path:
-            try:
-                write(doc, path)
-                print(f"wrote {path}", file=sys.stderr)
-            except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold
-                failed += 1
-                print(f"anychip bench: error: {flag} {path}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
-    return failed
+def _outputs(args) -> dict[str, str | None]:
+    return {"--json": args.json, "--csv": args.csv, "--md": args.md, "--plot": args.plot}
 
 
 def _command(args, config) -> list[str]:
