@@ -137,7 +137,7 @@ def test_ctrl_c_stops_every_rank_of_a_torchrun_row(tmp_path):
         assert len(ranks) == 2, "both ranks should be stuck in the hanging step"
         assert all(_alive(p) for p in ranks)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
