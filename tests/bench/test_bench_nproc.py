@@ -110,6 +110,10 @@ def _hung_torchrun_bench(marker, out) -> tuple[subprocess.Popen, list[int]]:
         [sys.executable, "-m", "anychip.cli", "bench", "--workload", "mlp", "--steps", "4", "--warmup", "1", "--precision", "fp32",
          "--backends", "fake-hang", "--nproc", "2", "--json", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        # A test suite started in the background (a CI job) inherits SIGINT ignored, and the
+        # bench keeps an ignored SIGINT ignored, as a shell's background job must: start it
+        # with the default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
