@@ -23,7 +23,7 @@ demo: setup
 # Lint, the main suite, then the neuron-xla subset; any failing fails `make test`.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --ignore=tests/xla
+	$(BIN)/python -m pytest -q --durations=15 --ignore=tests/xla
 	$(MAKE) --no-print-directory test-xla
 
 # neuron-xla needs torch 2.9 + torch_xla 2.9 (an ABI pair that cannot share .venv's torch 2.13).
