@@ -162,7 +162,7 @@ def _linear_ce_loss(backend, precision):
 
 
 def test_linear_cross_entropy_matches_cpu_autocast():
-    """The issue's example: fp32 7.187291, cpu bf16 7.187038; jax:cpu gave 7.1875 (a bf16 loss)."""
+    """The reported example: fp32 7.187291, cpu bf16 7.187038; jax:cpu gave 7.1875 (a bf16 loss)."""
     fp32, cpu, jax = (_linear_ce_loss(*a) for a in (("cpu", "fp32"), ("cpu", "bf16"), ("jax:cpu", "bf16")))
     assert abs(cpu - fp32) / fp32 > 1e-5  # bf16 logits really
     assert abs(jax - cpu) / cpu < 3e-5
