@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 from anychip.bench.metrics import row_key, row_label
-from anychip.bench.report.cells import fmt_si
+from anychip.bench.report.cells import fmt_si, tokens_interval
 from anychip.bench.report.table import make_console
 
 # A run of another workload, batch shape or precision measured something else: refused unless --force.
@@ -76,8 +76,7 @@ def throughput(row: dict, version: int) -> Throughput | None:
     st, tokens = row.get("step_time_s"), row.get("tokens_per_step")
     if not st or not tokens or st["median"] <= 0:
         return None
-    spread = len(row.get("step_times_s") or ()) >= 2 and min(st["p10"], st["p90"]) > 0
-    return Throughput(tokens / st["median"], (tokens / st["p90"], tokens / st["p10"]) if spread else None)
+    return Throughput(tokens / st["median"], tokens_interval(row))
 
 
 def verdict(a: Throughput, b: Throughput, max_regression: float) -> str:

@@ -8,6 +8,7 @@ import math
 
 from anychip.bench.metrics import row_label
 from anychip.bench.report.cells import fmt_percent, fmt_usd, tokens_interval, title
+from anychip.parity import rel_diff
 
 # Qualitative palette (matplotlib's tab10): neighbouring rows stay distinguishable.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -95,8 +96,8 @@ def _loss_panels(doc, colour, loss_ax, diff_ax) -> None:
             continue
         diffs = []
         for a, b in zip(_losses(r), _losses(ref)):
-            d = abs(a - b) / max(abs(b), 1e-12) if math.isfinite(a) and math.isfinite(b) else math.nan
-            diffs.append(d if d > 0 else math.nan)  # a log axis cannot show 0: that step is a gap
+            d = rel_diff(a, b)  # the parity column's definition, step by step
+            diffs.append(d if 0 < d < math.inf else math.nan)  # a log axis cannot show 0 or inf: that step is a gap
         diff_ax.plot(range(1, len(diffs) + 1), diffs, label=f"{row_label(r)} vs {row_label(ref)}", color=colour[row_label(r)],
                      marker=".", linewidth=1.2)
         drawn = drawn or any(math.isfinite(d) for d in diffs)
