@@ -252,3 +252,27 @@ def test_availability_dict_round_trips_through_json():
     data = json.loads(json.dumps([a.as_dict() for a in ac.backends()]))
     assert {d["name"] for d in data} >= README_BACKENDS
     assert all(isinstance(d["available"], bool) for d in data)
+
+
+def _tpu_pci(root, name: str, device: str, group: str | None) -> None:
+    pci = root / "sys" / name
+    pci.mkdir(parents=True)
+    (pci / "vendor").write_text("0x1ae0\n")
+    (pci / "device").write_text(device + "\n")
+    if group is not None:
+        (root / "groups" / group).mkdir(parents=True, exist_ok=True)
+        (pci / "iommu_group").symlink_to(root / "groups" / group)
+
+
+def test_tpu_host_counts_the_vfio_bound_tpus_and_the_accel_nodes(tmp_path):
+    _tpu_pci(tmp_path, "0000:00:04.0", "0x006f", "7")  # bound: /dev/vfio/7 exists
+    _tpu_pci(tmp_path, "0000:00:05.0", "0x006f", "8")  # in an IOMMU group with no vfio node
+    _tpu_pci(tmp_path, "0000:00:06.0", "0x006f", None)  # no IOMMU group at all
+    (tmp_path / "dev" / "vfio").mkdir(parents=True)
+    (tmp_path / "dev" / "vfio" / "7").touch()
+    (tmp_path / "dev" / "vfio" / "vfio").touch()  # the vfio control node is no group
+    for name in ("accel0", "accel1", "accelctl"):
+        (tmp_path / "dev" / name).touch()
+    found = tpu.tpu_host(str(tmp_path / "sys"), str(tmp_path / "dev"))
+    assert found == tpu.TpuHost(chips=3, kind="TPU v6 lite", google=True, vfio=1, accel=2)
+    assert tpu.tpu_host(str(tmp_path / "nothing"), str(tmp_path / "nothing")) == tpu.TpuHost(0, "", False, 0, 0)
