@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import re
 
+import pytest
+
 from anychip.backends.facts import peaks
 
 try:  # the parser behind ``re``; Python 3.10 names it sre_parse (deprecated from 3.11)
@@ -75,6 +77,7 @@ def test_every_entry_is_reachable():
     for peak in peaks.PEAKS:
         hit = next(n for names in alternatives(peak.pattern) for n in names if peaks.lookup(n) is peak)
         assert peaks.peak_flops(hit) == peak.bf16_tflops * 1e12
+        assert peaks.memory_bandwidth(hit) == (peak.hbm_gbps * 1e9 if peak.hbm_gbps is not None else None)
 
 
 def test_a_shadowed_entry_is_reported(monkeypatch):
@@ -82,3 +85,42 @@ def test_a_shadowed_entry_is_reported(monkeypatch):
     generic = next(p for p in peaks.PEAKS if p.pattern == "H100")
     monkeypatch.setattr(peaks, "PEAKS", (generic, *(p for p in peaks.PEAKS if p is not generic)))
     assert [p.pattern for p, _ in unreachable()] == [r"H100.*PCIe", r"H100.*NVL"]
+
+
+# The devices whose peak FLOP/s and memory bandwidth the table must know, named as the probes and
+# runtimes report them (PCI names from facts/tpu.py, torch's CUDA names, the Neuron kinds).
+BOTH_FIGURES = {
+    "TPU v5 lite": (197e12, 819e9), "TPU v5e": (197e12, 819e9), "TPU v5": (459e12, 2765e9), "TPU v5p": (459e12, 2765e9),
+    "TPU v6 lite": (918e12, 1638e9), "TPU v6e": (918e12, 1638e9),
+    # A TPU7x chip (2307 TFLOP/s, 7380 GB/s) is two TPU devices; "TPU v7" is torch-tpu's name for it.
+    "TPU7x": (1153.5e12, 3690e9), "TPU v7": (1153.5e12, 3690e9),
+    "trn1": (190e12, 820e9), "trn2": (667e12, 2900e9), "trn3": (671e12, 4900e9),
+    "NVIDIA H100 80GB HBM3": (989.4e12, 3350e9), "NVIDIA H100 PCIe": (756e12, 2000e9), "NVIDIA H100 NVL": (835e12, 3900e9),
+    "NVIDIA H200": (989.4e12, 4800e9), "NVIDIA B200": (2250e12, 8000e9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOTH_FIGURES))
+def test_the_current_accelerators_have_both_figures_and_a_source(name):
+    flops, bandwidth = BOTH_FIGURES[name]
+    assert peaks.peak_flops(name) == pytest.approx(flops)
+    assert peaks.memory_bandwidth(name) == pytest.approx(bandwidth)
+    assert peaks.lookup(name).source
+
+
+@pytest.mark.parametrize("chip, cores", [("trn1", 2), ("trn2", 4), ("trn3", 4)])
+def test_neuroncores_of_a_chip_add_up_to_the_chip(chip, cores):
+    core = f"{chip} NeuronCore"
+    assert peaks.peak_flops(core) * cores == pytest.approx(peaks.peak_flops(chip))
+    assert peaks.memory_bandwidth(core) * cores == pytest.approx(peaks.memory_bandwidth(chip))
+
+
+def test_names_covering_parts_with_different_memory_have_no_bandwidth():
+    assert peaks.memory_bandwidth("NVIDIA A100-SXM4-80GB") is None and peaks.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peaks.memory_bandwidth("NVIDIA GH200 480GB") is None
+    assert peaks.memory_bandwidth("some unknown chip") is None
+
+
+def test_a_bandwidth_must_be_positive():
+    with pytest.raises(ValueError, match="memory bandwidth"):
+        peaks.Peak("X1", 1.0, "test", hbm_gbps=0.0)
