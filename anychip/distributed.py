@@ -229,7 +229,9 @@ def shutdown_distributed() -> None:
             _barrier_within(dist, seconds)
         except Exception as exc:  # noqa: BLE001 - whatever the barrier raised, a peer did not arrive
             raise peer_failure(exc, "leaving the process group") from exc
-    dist.destroy_process_group()
+    global _side_group
+    dist.destroy_process_group()  # every group goes with it, the checkpoints' side group too
+    _side_group = None
 
 
 def _barrier_within(dist, seconds: float) -> None:
@@ -309,13 +311,54 @@ def barrier() -> None:
         multihost_utils.sync_global_devices("anychip")
 
 
-def main_outcome(error: str | None) -> str | None:
+def torch_processes() -> int:
+    """Processes of the torch process group (1 when none is up): >1 means a save or load is a
+    collective of them all."""
+    dist = _torch_group()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def side_group():
+    """A second gloo group of all torch processes, for the collectives of a checkpoint written
+    in a background thread: on the default group they would interleave with training's."""
+    global _side_group
+    if _side_group is None:
+        import torch.distributed as dist
+
+        _side_group = dist.new_group(backend="gloo")  # a collective: every rank asks at the same save
+    return _side_group
+
+
+_side_group = None
+
+
+def all_ranks(value, group=None) -> list:
+    """Every torch process's ``value`` (small, JSON-like), in rank order; ``[value]`` alone."""
+    dist = _torch_group()
+    if dist is None or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def from_main(value, group=None):
+    """Rank 0's ``value`` (small, JSON-like) on every torch process."""
+    dist = _torch_group()
+    if dist is None or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def main_outcome(error: str | None, group=None) -> str | None:
     """Rank 0's outcome (None: success, else its error message), on every process: a step only
     rank 0 performs (writing a checkpoint) succeeds or fails everywhere at once."""
     dist = _torch_group()
     if dist is not None and dist.get_world_size() > 1:
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
     jax = _jax_multiprocess()
     if jax is not None and jax.process_count() > 1:

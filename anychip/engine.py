@@ -118,8 +118,10 @@ class Engine(Protocol):
     def step(self, batch, tokens: int) -> StepOutput:
         """One optimizer update on ``batch``."""
 
-    def state_dict(self) -> dict:
+    def state_dict(self, sharded: bool = False) -> dict:
         """``{"step", "model", "optimizer": {"slots"}}``: CPU tensors by name, backend-neutral;
+        ``sharded=True``: a tensor this process holds only a shard of stays a DTensor (nothing is
+        gathered; every process passes its own shards to a checkpoint written in parallel);
         plus ``"rng": {name: uint8 tensor}`` for a generator the engine itself owns (the JAX
         key; the global and device generators are the backend's). ``load_state_dict`` keeps
         its generator when ``"rng"`` is absent, and derives one from torch's when it is present

@@ -162,9 +162,11 @@ class TrainStep:
         self._late.push(out, started, wall)  # logs the step before this one, whose device work is done
         return out
 
-    def state_dict(self) -> dict:
-        """Backend-neutral training state: CPU tensors keyed by parameter and slot names."""
-        return self.engine.state_dict()
+    def state_dict(self, *, sharded: bool = False) -> dict:
+        """Backend-neutral training state: CPU tensors keyed by parameter and slot names.
+        ``sharded=True`` keeps FSDP's DTensors as each rank's shard instead of gathering them."""
+        # Asked of the engine only when wanted: an engine of a plug-in may take no argument.
+        return self.engine.state_dict(sharded=True) if sharded else self.engine.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.load_state_dict(state)

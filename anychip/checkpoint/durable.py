@@ -24,27 +24,34 @@ from anychip.errors import CheckpointExistsError
 log = logging.getLogger("anychip")
 
 
-def commit(root: Path, final: Path, files: dict[str, bytes], last: str) -> Path:
-    """Write ``files`` and then ``files[last]`` (whose presence marks the checkpoint complete)
-    into a temporary directory of ``root`` and rename it to ``final``; return ``final``."""
+def start(root: Path, final: Path) -> Path:
+    """The temporary directory a save of ``final`` writes into (leftovers of earlier saves removed)."""
     make_dirs(root)
     remove_leftovers(root)
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
+    return tmp
+
+
+def finish(tmp: Path, root: Path, final: Path, last: str, data: bytes) -> Path:
+    """Write ``last`` (whose presence marks the checkpoint complete) into ``tmp``, once every
+    other file there is durable, and rename ``tmp`` to ``final``; ``tmp`` is removed on failure."""
     try:
-        for name, data in files.items():
-            if name != last:
-                write_durable(tmp / name, data)
-        write_durable(tmp / last, files[last])
+        fsync_dir(tmp)  # the other files' entries (written by every rank) before the manifest
+        write_durable(tmp / last, data)
         fsync_dir(tmp)
         if final.exists():  # re-checked right before the rename, which would replace an empty dir
             raise CheckpointExistsError(f"{final} appeared while saving; checkpoints are never overwritten")
         os.rename(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     fsync_dir(root)
     return final
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def no_space_message(root: Path, needed: int, keep_last: int | None) -> str:

@@ -2,7 +2,8 @@
 manifest (built, signed with its own checksum, read back and version-checked).
 
 Only safetensors and JSON are ever written or read, never ``pickle`` / ``torch.load``, so
-opening an untrusted checkpoint cannot run code.
+opening an untrusted checkpoint cannot run code. Tensor shapes in the manifest are those of the
+whole tensors; how they were cut into chunks (one file per writing rank) is in ``files``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from anychip.errors import CheckpointCorruptError, CheckpointVersionError
 from anychip.version import __version__
 
 FORMAT = "anychip-checkpoint"
-FORMAT_VERSION = (1, 0)  # major: readers refuse a newer one; minor: additions readers may ignore
+# major: readers refuse a newer one; minor: additions readers may ignore. 2: each rank's chunks
+# in its own file (format 1, still read: model.safetensors and optimizer.safetensors, written whole).
+FORMAT_VERSION = (2, 0)
 MANIFEST = "manifest.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
+MODEL_FILE = "model.safetensors"  # format 1
+OPTIMIZER_FILE = "optimizer.safetensors"  # format 1
+MODEL_PREFIX, OPTIMIZER_PREFIX = "model/", "optimizer/"  # format 2: keys in the shard files
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB per thousand tensors; refuse absurd ones
 SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
 
@@ -96,19 +100,43 @@ def find_aliases(live_state: dict) -> dict:
     return aliases
 
 
-def tensor_files(state: dict, aliases: dict) -> dict[str, bytes]:
-    """``{file name: safetensors bytes}`` of a ``TrainStep.state_dict()``: the model by name
-    (aliases left out) and the optimizer slots as "<slot>/<parameter name>"."""
-    st = safetensors()
-    model = {k: t for k, t in state["model"].items() if k not in aliases}
-    optimizer = {f"{slot}/{name}": t for slot, by_name in state["optimizer"]["slots"].items() for name, t in by_name.items()}
-    return {
-        MODEL_FILE: st.save({k: t.contiguous() for k, t in model.items()}, metadata={"format": "pt", "anychip": "model"}),
-        OPTIMIZER_FILE: st.save({k: t.contiguous() for k, t in optimizer.items()}, metadata={"format": "pt", "anychip": "optimizer"}),
-    }
+def flat_tensors(state: dict, aliases: dict) -> dict:
+    """The tensors of a ``TrainStep.state_dict()`` under one key each, as the shard files store
+    them: ``model/<name>`` (aliases left out: stored once) and ``optimizer/<slot>/<name>``."""
+    out = {f"{MODEL_PREFIX}{k}": t for k, t in state["model"].items() if k not in aliases}
+    for slot, by_name in state["optimizer"]["slots"].items():
+        out.update({f"{OPTIMIZER_PREFIX}{slot}/{name}": t for name, t in by_name.items()})
+    return out
 
 
-def build_manifest(step, state: dict, aliases: dict, blobs: dict, rng: dict, extra) -> dict:
+def listed_tensors(manifest: dict, directory: Path) -> dict:
+    """{flat key: (shape, dtype name)} of every stored tensor the manifest lists (format 2)."""
+    import torch
+
+    model, slots = section(manifest, directory, "model"), section(manifest, directory, "optimizer_state").get("slots")
+    listed, aliases = model.get("tensors"), model.get("aliases", {})
+    if not isinstance(listed, dict) or not isinstance(aliases, dict) or not isinstance(slots, dict):
+        raise CheckpointCorruptError(f"{directory / MANIFEST}: the tensor listing is missing")
+    out = {}
+    entries = [(f"{MODEL_PREFIX}{k}", v) for k, v in listed.items() if k not in aliases]
+    for slot, by_name in slots.items():
+        if not isinstance(by_name, dict):
+            raise CheckpointCorruptError(f"{directory / MANIFEST}: optimizer slot {slot!r} is malformed")
+        entries += [(f"{OPTIMIZER_PREFIX}{slot}/{name}", v) for name, v in by_name.items()]
+    for key, meta in entries:
+        dtype = getattr(torch, meta.get("dtype", ""), None) if isinstance(meta, dict) and isinstance(meta.get("dtype"), str) else None
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        sizes = isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        if not isinstance(dtype, torch.dtype) or not sizes:
+            raise CheckpointCorruptError(f"{directory / MANIFEST}: the listing of {key} is malformed: {meta!r}")
+        out[key] = (tuple(shape), meta["dtype"])
+    for alias, target in aliases.items():
+        if f"{MODEL_PREFIX}{target}" not in out or listed.get(alias) != listed.get(target):
+            raise CheckpointCorruptError(f"{directory / MANIFEST}: alias {alias} -> {target} names no stored tensor of its shape")
+    return out
+
+
+def build_manifest(step, state: dict, aliases: dict, files: dict, rng: dict, extra, ranks: dict) -> dict:
     """Everything about a save that is not a tensor, as plain JSON (unsigned)."""
     import torch
 
@@ -133,7 +161,8 @@ def build_manifest(step, state: dict, aliases: dict, blobs: dict, rng: dict, ext
             **{k: state["optimizer"][k] for k in ("groups", "scalars") if k in state["optimizer"]},
         },
         "lr_scheduler": state.get("lr_scheduler"),
-        "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in blobs.items()},
+        "files": files,  # each shard file: size, header hash, and each chunk's place and SHA-256
+        **ranks,  # world_size; rng_ranks: each rank's generators where there are several
         "extra": extra,
     }
 

@@ -43,10 +43,10 @@ def read_verified(directory: Path) -> tuple[dict, dict]:
             raise CheckpointCorruptError(f"{directory / MANIFEST}: entry for {name} lacks bytes/sha256")
     for name, meta in files.items():  # cheap checks of every file before hashing any
         try:
-            info = (directory / name).stat()
+            info = (directory / name).lstat()  # a symlink is refused, never followed
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{directory / name} is missing (the manifest lists it)") from None
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end; a link leads elsewhere
             raise CheckpointCorruptError(f"{directory / name} is not a regular file")
         size = info.st_size
         if size != meta["bytes"]:

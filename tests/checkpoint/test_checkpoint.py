@@ -62,10 +62,11 @@ def test_layout_and_manifest(tmp_path):
     out = checkpoint.save(step, tmp_path / "run", extra={"note": "hello", "epoch": 1})
     assert out == tmp_path / "run" / "step-000000003"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "step-000000003"]  # no temporary left
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors", "optimizer.safetensors"]
+    # One process: one shard file holding every tensor whole, beside the manifest.
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rank-00000.safetensors"]
 
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "anychip-checkpoint" and m["format_version"] == "1.0" and m["anychip_version"] == ac.__version__
+    assert m["format"] == "anychip-checkpoint" and m["format_version"] == "2.0" and m["anychip_version"] == ac.__version__
     assert m["step"] == m["schedule_position"] == m["data_position"] == 3
     assert m["backend"] == "cpu" and m["precision"] == "fp32" and m["extra"] == {"note": "hello", "epoch": 1}
     assert m["optimizer"] == {
@@ -75,17 +76,26 @@ def test_layout_and_manifest(tmp_path):
     }
     assert set(m["rng"]) >= {"torch", "numpy", "python"}
     assert len(m["rng"]["numpy"]["keys"]) == 624 and len(m["rng"]["python"]["internal"]) == 625
-    for name, meta in m["files"].items():
-        data = (out / name).read_bytes()
-        assert meta == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert m["world_size"] == 1 and "rng_ranks" not in m
+    (name, meta), = m["files"].items()
+    data = (out / name).read_bytes()
+    n_header = 8 + int.from_bytes(data[:8], "little")
+    assert (meta["bytes"], meta["header_bytes"]) == (len(data), n_header)
+    assert meta["header_sha256"] == hashlib.sha256(data[:n_header]).hexdigest()
+    file_header = header(out / name)
+    for key, chunk in meta["tensors"].items():  # each tensor's bytes hashed on their own
+        begin, end = file_header[key]["data_offsets"]
+        assert chunk["sha256"] == hashlib.sha256(data[n_header + begin:n_header + end]).hexdigest(), key
+        assert chunk["offsets"] == [0] * len(chunk["shape"]) and chunk["shape"] == file_header[key]["shape"]
     # GPT-2 ties the LM head to the token embedding: stored once, the other name an alias.
     assert m["model"]["aliases"] == {"lm_head.weight": "wte.weight"}
-    model_header = header(out / "model.safetensors")
-    assert "lm_head.weight" not in model_header and model_header["wte.weight"]["shape"] == [256, 64]
-    opt_header = header(out / "optimizer.safetensors")
+    assert "model/lm_head.weight" not in file_header and file_header["model/wte.weight"]["shape"] == [256, 64]
     n_params = len(dict(step.model.named_parameters()))
-    assert sorted({k.split("/")[0] for k in opt_header if k != "__metadata__"}) == ["exp_avg", "exp_avg_sq"]
-    assert len(opt_header) - 1 == 2 * n_params
+    slots = [k.split("/")[1] for k in file_header if k.startswith("optimizer/")]
+    assert sorted(set(slots)) == ["exp_avg", "exp_avg_sq"] and len(slots) == 2 * n_params
+    # Where DCP's own safetensors reader finds the chunks (its sharding metadata), so it reads them too.
+    sharding = json.loads(file_header["__metadata__"]["DCP_SHARDING_INFO"])
+    assert set(sharding) == set(meta["tensors"]) and all(v["saved_offsets"] == meta["tensors"][k]["offsets"] for k, v in sharding.items())
 
 
 def test_resume_on_same_backend_is_exact(tmp_path):
@@ -130,11 +140,11 @@ def test_keep_last_keeps_the_newest_and_never_overwrites(tmp_path):
         checkpoint.save(step, tmp_path, keep_last=2)
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-000000004", "step-000000005"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000000004", "step-000000005"]
-    before = (tmp_path / "step-000000005" / "model.safetensors").read_bytes()
+    before = (tmp_path / "step-000000005" / "rank-00000.safetensors").read_bytes()
     step.load_state_dict(make("mlp").state_dict() | {"step": 5})  # different weights, same update
     with pytest.raises(CheckpointExistsError, match="never overwritten"):
         checkpoint.save(step, tmp_path, keep_last=1)
-    assert (tmp_path / "step-000000005" / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "step-000000005" / "rank-00000.safetensors").read_bytes() == before
     assert len(checkpoint.checkpoints(tmp_path)) == 2  # a refused save rotates nothing
 
 
@@ -194,9 +204,10 @@ def test_parameters_keep_their_precision(tmp_path, precision, stored):
     for i in range(2):
         a(batch("gpt-tiny", i))
     out = checkpoint.save(a, tmp_path)
-    for f in ("model.safetensors", "optimizer.safetensors"):
-        dtypes = {v["dtype"] for k, v in header(out / f).items() if k != "__metadata__"}
-        assert dtypes == {stored}, (f, dtypes)
+    stored_header = header(out / "rank-00000.safetensors")
+    for part in ("model/", "optimizer/"):
+        dtypes = {v["dtype"] for k, v in stored_header.items() if k.startswith(part)}
+        assert dtypes == {stored}, (part, dtypes)
     b = make(precision=precision)
     checkpoint.load(tmp_path, b, restore_rng=False)
     for i in range(2, 4):

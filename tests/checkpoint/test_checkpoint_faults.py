@@ -124,21 +124,40 @@ def expect_refusal(ckpt: Path, target, error, *fragments, root=None):
 # -- damaged files -------------------------------------------------------------------------------
 
 
+SHARD = "rank-00000.safetensors"  # a one-process save: every tensor in this one file
+
+
 def test_truncated_file(saved):
     ckpt, target = saved
-    f = ckpt / "optimizer.safetensors"
+    f = ckpt / SHARD
     f.write_bytes(f.read_bytes()[:-100])
-    expect_refusal(ckpt, target, CheckpointCorruptError, "optimizer.safetensors", "truncated")
+    expect_refusal(ckpt, target, CheckpointCorruptError, SHARD, "truncated")
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors"])
-def test_flipped_byte_in_tensor_file(saved, name):
+@pytest.mark.parametrize("key", ["model/fc2.bias", "optimizer/exp_avg_sq/fc1.weight"])
+def test_flipped_byte_in_tensor_file(saved, key):
+    from safetensors import safe_open
+
     ckpt, target = saved
-    f = ckpt / name
+    f = ckpt / SHARD
     raw = bytearray(f.read_bytes())
-    raw[len(raw) - 17] ^= 0x01  # inside the tensor data: the file still parses
+    n_header = 8 + int.from_bytes(raw[:8], "little")
+    begin, _ = json.loads(raw[8:n_header])[key]["data_offsets"]
+    raw[n_header + begin + 1] ^= 0x01  # inside that tensor's data: the file still parses
     f.write_bytes(bytes(raw))
-    expect_refusal(ckpt, target, CheckpointCorruptError, name, "SHA-256")
+    with safe_open(str(f), framework="pt") as opened:
+        assert key in opened.keys()
+    expect_refusal(ckpt, target, CheckpointCorruptError, SHARD, key, "SHA-256")
+
+
+def test_flipped_byte_in_shard_header(saved):
+    ckpt, target = saved
+    f = ckpt / SHARD
+    raw = bytearray(f.read_bytes())
+    at = raw.index(b'"F32"') + 2  # F32 -> F33 in one tensor's entry
+    raw[at] ^= 0x01
+    f.write_bytes(bytes(raw))
+    expect_refusal(ckpt, target, CheckpointCorruptError, SHARD, "header")
 
 
 def test_flipped_byte_in_manifest(saved):
@@ -152,8 +171,8 @@ def test_flipped_byte_in_manifest(saved):
 
 def test_missing_file(saved):
     ckpt, target = saved
-    (ckpt / "model.safetensors").unlink()
-    expect_refusal(ckpt, target, CheckpointCorruptError, "model.safetensors", "missing")
+    (ckpt / SHARD).unlink()
+    expect_refusal(ckpt, target, CheckpointCorruptError, SHARD, "missing")
 
 
 def test_missing_manifest_is_named_when_loading_that_directory(saved):
@@ -166,14 +185,14 @@ def test_missing_manifest_is_named_when_loading_that_directory(saved):
 
 def test_newer_major_format(saved):
     ckpt, target = saved
-    resign(ckpt / "manifest.json", lambda m: m.update(format_version="2.0", anychip_version="9.0.0"))
-    err = expect_refusal(ckpt, target, CheckpointVersionError, "format 2.0", "9.0.0", "reads format 1.0", "upgrade anychip")
+    resign(ckpt / "manifest.json", lambda m: m.update(format_version="3.0", anychip_version="9.0.0"))
+    err = expect_refusal(ckpt, target, CheckpointVersionError, "format 3.0", "9.0.0", "reads format 2.0", "upgrade anychip")
     assert isinstance(err, CheckpointError)
 
 
 def test_newer_minor_format_loads(saved):
     ckpt, target = saved
-    resign(ckpt / "manifest.json", lambda m: m.update(format_version="1.7", future_field={"x": 1}))
+    resign(ckpt / "manifest.json", lambda m: m.update(format_version="2.7", future_field={"x": 1}))
     assert checkpoint.load(ckpt, target, restore_rng=False).step == 3
 
 
@@ -230,21 +249,24 @@ class Payload:
 def test_pickle_payload_is_never_executed(saved, tmp_path, how):
     ckpt, target = saved
     marker = tmp_path / "PWNED"
-    evil = ckpt / ("model.safetensors" if how.startswith("replaced") else "weights.pt")
+    evil = ckpt / (SHARD if how.startswith("replaced") else "weights.pt")
     torch.save({"x": Payload(marker)}, evil)
     teeth, teeth_marker = tmp_path / "teeth.pt", tmp_path / "RAN"
     torch.save({"x": Payload(teeth_marker)}, teeth)
     torch.load(teeth, weights_only=False)  # such a file does run code when unpickled
     assert teeth_marker.exists() and not marker.exists()
     manifest = ckpt / "manifest.json"
-    entry = {"bytes": evil.stat().st_size, "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
+    raw = evil.read_bytes()
+    # Sized and hashed as a shard record would be, its "header" the first 16 bytes.
+    entry = {"bytes": len(raw), "header_bytes": 16, "header_sha256": hashlib.sha256(raw[:16]).hexdigest(),
+             "tensors": json.loads(manifest.read_text())["files"][SHARD]["tensors"]}
     if how == "replaced-and-resigned":
-        resign(manifest, lambda m: m["files"].update({"model.safetensors": entry}))
+        resign(manifest, lambda m: m["files"].update({SHARD: entry}))
     elif how == "listed-pt":
         resign(manifest, lambda m: m["files"].update({"weights.pt": entry}))
     elif how == "listed-pkl-path":
         resign(manifest, lambda m: m["files"].update({"../weights.pkl": entry}))
-    fragment = {"replaced": "model.safetensors is", "replaced-and-resigned": "not a valid safetensors file",
+    fragment = {"replaced": f"{SHARD} is", "replaced-and-resigned": "header does not match",
                 "listed-pt": "'weights.pt'", "listed-pkl-path": "'../weights.pkl'"}[how]
     expect_refusal(ckpt, target, CheckpointCorruptError, fragment)
     assert not marker.exists(), "the checkpoint's pickle was executed"
@@ -268,9 +290,9 @@ def test_load_path_never_unpickles(saved, monkeypatch):
 # Each label is a system call of save() (see checkpoint_writer.py); the writer kills itself
 # with SIGKILL right before the n-th call with that label, so every phase is hit for certain.
 KILL_POINTS = [
-    ("fsync:model.safetensors", 1),  # data written, nothing durable yet
+    ("fsync:rank-00000.safetensors", 1),  # data written, nothing durable yet
     ("unlink:tmp", 1),  # the next save removes that unfinished directory ... and dies doing it
-    ("fsync:optimizer.safetensors", 2),
+    ("fsync:rank-00000.safetensors", 3),
     ("fsync:manifest.json", 1),
     ("fsync:tmp-dir", 2),
     ("rename:tmp->step", 1),  # complete and durable, but not yet published

@@ -335,8 +335,9 @@ class JaxEngine:
             self._stale = False
         return self._template
 
-    def state_dict(self) -> dict:
-        """The layout of the torch engines' state: CPU tensors by name.
+    def state_dict(self, sharded: bool = False) -> dict:
+        """The layout of the torch engines' state: CPU tensors by name, whole (``sharded`` too:
+        one process drives all its devices, so the whole state is its to give).
         Multi-host: every process must call it (sharded arrays are gathered collectively)."""
         model = self.model
         return {

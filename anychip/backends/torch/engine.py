@@ -163,9 +163,9 @@ class TorchEngine:
                 group["lr"] = value
         return (value,) * len(self.optimizer.param_groups)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, sharded: bool = False) -> dict:
         self.raise_pending_nonfinite()
-        return state.engine_state(self)
+        return state.engine_state(self, sharded)
 
     def load_state_dict(self, saved: dict) -> None:
         state.load_engine_state(self, saved)

@@ -3,7 +3,8 @@ checkpoint uses: parameters by name, optimizer slots by slot name then parameter
 
 FSDP's sharded tensors (DTensors) are gathered whole on every rank (a collective: every rank
 calls ``engine_state``), so a sharded run saves the same portable layout, and loading places
-each rank's shard without communicating.
+each rank's shard without communicating. ``sharded=True`` leaves them as DTensors instead (each
+rank's own shard, nothing gathered): what a checkpoint written by every rank in parallel takes.
 """
 
 from __future__ import annotations
@@ -16,32 +17,39 @@ def whole(t):
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
 
 
+def local(t):
+    """``t`` as this rank holds it: a DTensor stays one (its shard), anything else a CPU tensor."""
+    return t.detach() if hasattr(t, "device_mesh") else t.detach().cpu()
+
+
 def shaped_like(value, target):
     """``value`` (a whole CPU tensor) laid out as ``target``: this rank's shard of it when the
-    target is a DTensor. Every rank holds the whole value, so nothing is communicated."""
-    if target is None or not hasattr(target, "device_mesh"):
+    target is a DTensor. Every rank holds the whole value, so nothing is communicated. A value
+    that is already a DTensor (read shard by shard from a checkpoint) is this rank's already."""
+    if target is None or not hasattr(target, "device_mesh") or hasattr(value, "device_mesh"):
         return value
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
 
 
-def engine_state(engine) -> dict:
+def engine_state(engine, sharded: bool = False) -> dict:
+    copy = local if sharded else whole
     if engine.spec.optimizer is engine.optimizer:  # the user's own torch.optim optimizer
         return {
             "step": engine.updates,
-            "model": {k: whole(v) for k, v in engine.model.state_dict().items()},
-            "optimizer": user_optimizer.optimizer_state(engine.optimizer, engine.names, whole),
+            "model": {k: copy(v) for k, v in engine.model.state_dict().items()},
+            "optimizer": user_optimizer.optimizer_state(engine.optimizer, engine.names, copy),
             "lr_scheduler": user_optimizer.scheduler_state(engine.scheduler),
         }
     opt_state = engine.optimizer.state
     slots = {
-        slot: {n: whole(opt_state[p][slot]) for n, p in zip(engine.param_names, engine.params) if slot in opt_state.get(p, {})}
+        slot: {n: copy(opt_state[p][slot]) for n, p in zip(engine.param_names, engine.params) if slot in opt_state.get(p, {})}
         for slot in engine.spec.optimizer.slots
     }
     return {
         "step": engine.updates,
-        "model": {k: whole(v) for k, v in engine.model.state_dict().items()},
+        "model": {k: copy(v) for k, v in engine.model.state_dict().items()},
         "optimizer": {"slots": slots},
     }
 
