@@ -133,7 +133,7 @@ def test_train_mlp_in_pure_bf16(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--backend", "cdua"], "unknown backend 'cdua'. Did you mean 'cuda'?"),
+        (["train", "--backend", "cdua"], "unknown backend 'cdua'. Did you mean 'cuda' (PyTorch on NVIDIA GPUs)?"),
         (["train", "--workload", "gtp-tiny"], "unknown workload 'gtp-tiny'"),
         (["train", "--precision", "fp8"], "unknown precision 'fp8'"),
         (["train", "--steps", "0"], "must be >= 1"),

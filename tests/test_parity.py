@@ -207,7 +207,7 @@ def exit_code(argv) -> int:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backends", "cpu,jxa:cpu"], "unknown backend 'jxa:cpu'. Did you mean 'jax:cpu'?"),
+    (["--backends", "cpu,jxa:cpu"], "unknown backend 'jxa:cpu'. Did you mean 'jax:cpu' (torch model traced to JAX via torchax, on CPU) or"),
     (["--backends", "cpu"], "needs at least two"),
     (["--backends", "cpu,cpu"], "'cpu' is named twice"),
     (["--backends", "cpu,jax"], "'jax' is an alias"),

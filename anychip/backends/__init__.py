@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 
 from anychip.backends.registry import (
     ALIASES,
@@ -50,9 +51,30 @@ def _known_names() -> list[str]:
     return sorted(r.name for r in registrations()) + sorted(ALIASES)
 
 
+def _device_word(name: str) -> str:
+    """The last word of a backend name: the device it runs on ("tpu" of "jax:tpu")."""
+    return re.split(r"[^a-z0-9]+", name)[-1]
+
+
+def _meaning(name: str) -> str:
+    if name in ALIASES:
+        return f"{name!r} (alias: the first available of {', '.join(ALIASES[name])})"
+    summary = getattr(find(name), "summary", "")
+    return f"{name!r} ({summary})" if summary else repr(name)
+
+
 def _did_you_mean(name: str) -> str:
-    close = difflib.get_close_matches(name, _known_names(), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    """The closest known name and the others on the same device, each with what it means: two
+    backends on one device ("tpu" and "jax:tpu") are two different stacks, and a user who typed
+    neither needs to know which is which."""
+    names = [r.name for r in registrations()]
+    close = difflib.get_close_matches(name, names + list(ALIASES), n=1)
+    devices = {w for w in re.split(r"[^a-z0-9]+", name) if w} | {_device_word(c) for c in close}
+    picks = (close + [k for k in names if k not in close and _device_word(k) in devices])[:3]
+    if not picks:
+        return ""
+    named = [_meaning(p) for p in picks]
+    return f" Did you mean {' or '.join(named) if len(named) < 3 else ', '.join(named[:-1]) + ' or ' + named[-1]}?"
 
 
 def registration(name: str) -> Registration:

@@ -134,9 +134,29 @@ def test_unknown_name_lists_known_and_closest():
     with pytest.raises(ac.UnknownBackendError) as err:
         ac.backend("cdua")
     msg = str(err.value)
-    assert "Did you mean 'cuda'?" in msg
+    assert "Did you mean 'cuda' (PyTorch on NVIDIA GPUs)?" in msg
     for name in README_BACKENDS:
         assert name in msg
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("jxa:cpu", ["'jax:cpu' (torch model traced to JAX via torchax, on CPU)", "'cpu' (PyTorch on the CPU)"]),
+    ("xla", ["'neuron-xla' (torch_xla lazy tensors"]),  # no close spelling: the device word finds it
+    ("jaxx", ["'jax' (alias: the first available of jax:tpu, jax:gpu, jax:cpu)"]),
+])
+def test_the_hint_says_what_each_suggestion_means_and_names_the_others_on_that_device(typed, meant):
+    with pytest.raises(ac.UnknownBackendError) as err:
+        ac.backend(typed)
+    hint = str(err.value).split("Did you mean ")[1].split("? Known backends")[0]
+    for text in meant:
+        assert text in hint
+    assert hint.count("'") == 2 * len(meant)  # nothing suggested beyond them
+
+
+def test_no_hint_for_a_name_like_no_backend():
+    with pytest.raises(ac.UnknownBackendError) as err:
+        ac.backend("zzz")
+    assert "Did you mean" not in str(err.value)
 
 
 def test_unknown_name_is_also_a_value_error():

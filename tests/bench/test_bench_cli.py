@@ -22,7 +22,7 @@ def no_runs(monkeypatch):
 BAD = [
     (["--workload", "gpt-huge"], "unknown workload 'gpt-huge'"),
     (["--workload", "no_such_module_xyz:factory"], "cannot load workload"),
-    (["--backends", "cdua"], "unknown backend 'cdua'. Did you mean 'cuda'?"),
+    (["--backends", "cdua"], "unknown backend 'cdua'. Did you mean 'cuda' (PyTorch on NVIDIA GPUs)?"),
     (["--backends", "cpu,cpu"], "'cpu' is named twice"),
     (["--backends", "cpu,,jax:cpu"], "empty name"),
     (["--backends", "auto,cpu"], "cannot be combined"),
