@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -79,8 +80,26 @@ def devices_notes(found) -> list[str]:
     return lines
 
 
+def auto_detect_line(found) -> str:
+    """Which backend auto-detect picks from these probes (the first available one with auto-detect
+    on, in priority order, as ``ac.backend()`` does), and which others are available but used only
+    when named: two backends on one machine (a TPU reached through JAX or natively) must not leave
+    the user guessing which one a plain ``ac.backend()`` runs."""
+    from anychip.backends import ENV_VAR, find
+
+    available = [a.name for a in found if a.available]
+    autos = [n for n in available if getattr(find(n), "auto", False)]
+    line = f"auto-detect picks {autos[0]!r}" if autos else "auto-detect finds no backend"
+    others = [n for n in available if n not in autos[:1]]
+    if others:
+        line += f"; also available, used only when named: {', '.join(map(repr, others))}"
+    if os.environ.get(ENV_VAR, "").strip():
+        line += f" (${ENV_VAR} is set: it names the backend instead)"
+    return line
+
+
 def cmd_devices(args) -> int:
-    from anychip.backends import environment_problem, list_backends
+    from anychip.backends import environment_problem, find, list_backends
 
     found = list_backends()  # built-in and plug-in backends ($ANYCHIP_PLUGINS loads on this first look-up)
     # Every backend is still listed; the variable that `train` would refuse is pointed out.
@@ -89,7 +108,8 @@ def cmd_devices(args) -> int:
         print(f"anychip devices: warning: {problem}", file=sys.stderr)
     line, layout = launch_layout()
     if args.json:
-        print(json.dumps({"layout": layout, "backends": [a.as_dict() for a in found]}, indent=2))
+        autos = [a.name for a in found if a.available and getattr(find(a.name), "auto", False)]
+        print(json.dumps({"layout": layout, "backends": [a.as_dict() for a in found], "auto": autos[0] if autos else None}, indent=2))
         return 0
     from rich.console import Console
 
@@ -100,6 +120,7 @@ def cmd_devices(args) -> int:
     # into a narrow column.
     for text in devices_notes(found):
         console.print(text, highlight=False, markup=False, soft_wrap=True)
+    console.print(auto_detect_line(found), highlight=False, markup=False, soft_wrap=True)
     console.print(f"launch: {line}", highlight=False, markup=False, soft_wrap=True)
     return 0
 

@@ -44,6 +44,34 @@ def test_devices_table_names_every_backend():
     assert out.stdout.rstrip().splitlines()[-1] == "launch: single process (no torchrun or jax.distributed launch detected)"
 
 
+def test_devices_names_the_backend_auto_detect_picks():
+    import anychip as ac
+
+    out = run("devices", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["auto"] == ac.backend().name  # the same policy as ac.backend()
+    text = run("devices").stdout
+    assert f"auto-detect picks {ac.backend().name!r}" in text
+
+
+def test_the_auto_detect_line_names_the_available_backends_used_only_when_named():
+    from anychip.backends import Availability, Registration, register, unregister
+    from anychip.cli import auto_detect_line
+
+    register(Registration("chip-first", "anychip.backends.torch.cpu", 97))
+    register(Registration("chip-second", "anychip.backends.torch.cpu", 96))
+    register(Registration("chip-manual", "anychip.backends.torch.cpu", 95, auto=False))
+    try:
+        found = [Availability(n, ok, "test") for n, ok in
+                 (("chip-first", True), ("chip-second", True), ("chip-manual", True), ("cuda", False), ("cpu", True))]
+        assert auto_detect_line(found) == ("auto-detect picks 'chip-first'; also available, used only when named: "
+                                           "'chip-second', 'chip-manual', 'cpu'")
+        assert auto_detect_line(found[2:4]) == "auto-detect finds no backend; also available, used only when named: 'chip-manual'"
+    finally:
+        for name in ("chip-first", "chip-second", "chip-manual"):
+            unregister(name)
+
+
 PLUGIN = '''
 from anychip.backends import Availability, Registration, register
 
