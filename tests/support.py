@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -35,6 +40,30 @@ def requires(*needs: str):
         raise ValueError(f"unknown requirement(s) {unknown}; known: {sorted(_CHECKS)}")
     missing = [n for n in needs if not _CHECKS[n]()]
     return pytest.mark.skipif(bool(missing), reason="missing: " + ", ".join(missing))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(worker: pathlib.Path, *args: str, env_extra: dict | None = None, monitor_s: float = 0.1,
+             timeout_s: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """``torchrun --nproc-per-node 2 worker args...`` on this machine, with anychip and the tests'
+    folder importable; returns the finished process and its wall time."""
+    import anychip
+
+    root = str(pathlib.Path(anychip.__file__).resolve().parent.parent)
+    tests = str(pathlib.Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("ANYCHIP_BACKEND", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([root, tests, str(worker.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--monitor-interval", str(monitor_s), str(worker), *args]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    return done, time.perf_counter() - start
 
 
 def hand_written_loop(model, loss_fn, batches, *, lr, weight_decay, schedule, max_grad_norm=None, sgd=None):

@@ -8,17 +8,14 @@ two half-batch gradients is the full-batch gradient up to float summation order)
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
 import anychip as ac
 
+import support
 from support import requires
 from torchrun_worker import CASES, STEPS, USER_CASES, batches, make_step, make_user_step
 
@@ -27,22 +24,8 @@ RTOL = 1e-5
 LAUNCH_TIMEOUT_S = 300
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(*args: str, env_extra: dict | None = None, monitor_s: float = 0.1) -> tuple[subprocess.CompletedProcess, float]:
-    root = str(pathlib.Path(ac.__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if k not in ("ANYCHIP_BACKEND", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([root, str(WORKER.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "--monitor-interval", str(monitor_s), str(WORKER), *args]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT_S)
-    return done, time.perf_counter() - start
+    return support.torchrun(WORKER, *args, env_extra=env_extra, monitor_s=monitor_s, timeout_s=LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

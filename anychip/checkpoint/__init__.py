@@ -194,9 +194,9 @@ class _Job:
         try:
             dcp.save(tensors, storage_writer=w, process_group=group, no_dist=not self.collective)
         except BaseException as exc:  # DCP's CheckpointException is a BaseException
-            if distributed.is_collective_failure(exc):
-                raise distributed.peer_failure(exc, f"saving {self.final}") from exc
             inner = shards.unwrap(exc)
+            if distributed.is_collective_failure(exc) or distributed.is_collective_failure(inner):
+                raise distributed.peer_failure(exc, f"saving {self.final}") from exc
             if isinstance(inner, OSError) and inner.errno in (errno.ENOSPC, errno.EDQUOT):
                 needed = sum(t.numel() * t.element_size() for t in tensors.values())
                 raise CheckpointError(durable.no_space_message(self.root, needed, self.keep_last)) from inner
@@ -336,9 +336,9 @@ def _read_shards(directory: Path, manifest: dict, step, allow_optimizer_change: 
     try:
         dcp.load(targets, storage_reader=read, no_dist=distributed.torch_processes() == 1)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
-        if distributed.is_collective_failure(exc):
-            raise distributed.peer_failure(exc, f"loading {directory}") from exc
         inner = shards.unwrap(exc)
+        if distributed.is_collective_failure(exc) or distributed.is_collective_failure(inner):
+            raise distributed.peer_failure(exc, f"loading {directory}") from exc
         if inner is exc:
             raise
         raise inner from exc
