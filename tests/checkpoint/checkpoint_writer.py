@@ -2,17 +2,19 @@
 and checkpoints in a loop), and the racing writers of test_checkpoint_writers.py.
 
 The killed writer resumes from the newest checkpoint in ``root`` (as a restarted job would),
-then trains one update and saves, again and again. Every durability-relevant system call of the save (each
-fsync, rename, unlink, rmdir) is logged to ``log_path`` as a phase label first, optionally
-slowed down (so that a kill after a random delay lands inside a save), and optionally turned
-into ``SIGKILL`` of this very process at the n-th occurrence of a chosen label (so that every
-phase is hit for certain). The hooks live here, in the test's process only; anychip itself
-has no test switches.
+then trains one update and saves, again and again; in its asynchronous mode it logs each
+update's :func:`state_digest` and leaves the save writing in the background while it trains on.
+Every durability-relevant system call of the save (each fsync, rename, unlink, rmdir) is logged
+to ``log_path`` as a phase label first, optionally slowed down (so that a kill after a random
+delay lands inside a save), and optionally turned into ``SIGKILL`` of this very process at the
+n-th occurrence of a chosen label (so that every phase is hit for certain). The hooks live here,
+in the test's process only; anychip itself has no test switches.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import signal
 import time
@@ -38,6 +40,21 @@ def batch(n: int):
     return workloads.get(WORKLOAD).batch(n, BATCH, 1, 0)
 
 
+def state_digest(step) -> str:
+    """SHA-256 over every model tensor and optimizer slot tensor of ``step`` in sorted key order
+    (each key, dtype and shape, then its raw bytes): the writer logs it per update, and the test
+    recomputes it from what it loads, so a checkpoint is matched to the update it claims to be."""
+    state = step.state_dict()
+    tensors = {f"model/{k}": v for k, v in state["model"].items()}
+    tensors.update({f"optimizer/{slot}/{k}": v for slot, d in state["optimizer"]["slots"].items() for k, v in d.items()})
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _where(path: str, root: str) -> str:
     """A phase label's object: 'root', 'tmp-dir', 'trash-dir' or a file name inside a checkpoint."""
     path = os.path.realpath(path)
@@ -56,6 +73,8 @@ def _dir_kind(path: str) -> str:
 
 
 def install_hooks(root: str, log_fd: int, kill_on: tuple[str, int] | None, delay_s: float) -> None:
+    # An asynchronous save calls these from its own thread while the main thread logs too: each
+    # label is one os.write of a whole line to an O_APPEND descriptor, so lines never interleave.
     root = os.path.realpath(root)
     counts: collections.Counter = collections.Counter()
 
@@ -92,7 +111,13 @@ def install_hooks(root: str, log_fd: int, kill_on: tuple[str, int] | None, delay
     os.fsync, os.rename, os.unlink, os.rmdir = fsync, rename, unlink, rmdir
 
 
-def write_forever(root: str, log_path: str, kill_on=None, delay_s: float = 0.0, max_saves: int | None = None) -> None:
+def write_forever(root: str, log_path: str, kill_on=None, delay_s: float = 0.0, max_saves: int | None = None,
+                  asynchronous: bool = False) -> None:
+    """Resume from ``root``, then train one update and save it, forever (or ``max_saves`` times).
+
+    ``asynchronous=True`` logs ``checksum N <state_digest>`` after update N, starts its save
+    without waiting (``started N``) and trains the next update meanwhile; the next save waits
+    for it by itself, so a kill often lands in the background write, training or not."""
     torch.set_num_threads(1)  # the same reduction order as the checking process
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -103,12 +128,20 @@ def write_forever(root: str, log_path: str, kill_on=None, delay_s: float = 0.0, 
             pass
         os.write(log_fd, f"ready {step.step_count}\n".encode())
         install_hooks(root, log_fd, tuple(kill_on) if kill_on else None, delay_s)
-        saves = 0
+        saves, handle = 0, None
         while max_saves is None or saves < max_saves:
             step(batch(step.step_count))
-            checkpoint.save(step, root, keep_last=KEEP_LAST, extra={"pid": os.getpid()})
+            if asynchronous:
+                os.write(log_fd, f"checksum {step.step_count} {state_digest(step)}\n".encode())
+                handle = checkpoint.save(step, root, keep_last=KEEP_LAST, extra={"pid": os.getpid()}, asynchronous=True)
+                os.write(log_fd, f"started {step.step_count}\n".encode())
+            else:
+                checkpoint.save(step, root, keep_last=KEEP_LAST, extra={"pid": os.getpid()})
+                os.write(log_fd, f"saved {step.step_count}\n".encode())
             saves += 1
-            os.write(log_fd, f"saved {step.step_count}\n".encode())
+        if handle is not None:
+            handle.wait()
+            os.write(log_fd, f"saved {handle.step}\n".encode())
     except BaseException as exc:
         os.write(log_fd, f"error {type(exc).__name__}: {exc}\n".encode())
         raise

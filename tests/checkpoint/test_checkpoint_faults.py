@@ -27,6 +27,7 @@ from anychip.checkpoint import (
     CheckpointNotFoundError,
     CheckpointVersionError,
 )
+from anychip.checkpoint.layout import dir_name, step_of
 from support import requires
 
 pytestmark = requires("safetensors")
@@ -399,6 +400,87 @@ def test_sigkill_during_save_always_leaves_a_loadable_checkpoint(tmp_path):
     proc.join(60)
     assert proc.exitcode == 0, log.read_text()
     # The lock file stays (a writer that dies cannot remove it; the kernel already released it).
+    assert sorted(p.name for p in root.iterdir()) == [".lock"] + [c.name for c in checkpoint.checkpoints(root)]
+    assert len(checkpoint.checkpoints(root)) == cw.KEEP_LAST
+    check_after_crash(root, ref, floor + 2)
+
+
+# make test kills 50 asynchronous saves; ANYCHIP_ASYNC_SAVE_KILLS=N kills N for a longer check.
+RANDOM_ASYNC_TRIALS = int(os.environ.get("ANYCHIP_ASYNC_SAVE_KILLS", "50"))
+ASYNC_PHASE_DELAY_S = 0.005  # a save then spans ~60 ms of phases, several saves per random sleep
+ASYNC_KILL_AFTER_S = (0.0, 0.35)
+SAVE_PHASES = ("fsync:", "rename:", "unlink:", "rmdir:")  # the labels install_hooks logs
+# The label a save's thread logs last: fsync:root when it publishes without rotating, else
+# rmdir:trash. A kill after one of these may have found the save finished, so it is not counted
+# as a kill during a save; every other label after the last "started N" is one.
+LAST_PHASES = ("fsync:root", "rmdir:trash")
+
+
+def killed_mid_save(lines: list[str]) -> bool:
+    """Whether the writer died with its last asynchronous save still writing."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("started ")]
+    if not starts:
+        return False
+    phases = [line for line in lines[starts[-1] + 1:] if line.startswith(SAVE_PHASES)]
+    return not phases or phases[-1] not in LAST_PHASES
+
+
+def test_sigkill_during_asynchronous_save_never_loads_a_partial_checkpoint(tmp_path):
+    import checkpoint_writer as cw
+
+    ctx = multiprocessing.get_context("forkserver")  # as above: writers fork with torch imported
+    ctx.set_forkserver_preload(PRELOAD)
+    root, ref, rng = tmp_path / "ckpt", Reference(), random.Random(11)
+    # Every update's digest as a writer logged it; update 0 is saved here, not by a writer.
+    logged = {0: cw.state_digest(ref.step)}
+    checkpoint.save(ref.step, root)
+    floor, mid_save, last_lines = 0, 0, []
+    for number in range(RANDOM_ASYNC_TRIALS):
+        log = tmp_path / f"async-{number}.log"
+        proc = ctx.Process(target=cw.write_forever, args=(str(root), str(log), None, ASYNC_PHASE_DELAY_S),
+                           kwargs={"asynchronous": True}, daemon=True)
+        proc.start()
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_text().startswith("ready")):
+            assert time.monotonic() < deadline and proc.is_alive(), log.read_text() if log.exists() else "no log"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(*ASYNC_KILL_AFTER_S))
+        proc.kill()
+        proc.join(30)
+        lines = log.read_text().splitlines()
+        assert proc.exitcode == -9, f"async trial {number}: writer ended with {proc.exitcode}: {lines[-3:]}"
+        assert not any(line.startswith("error") for line in lines), f"async trial {number}: {lines}"
+        for line in lines:
+            if line.startswith("checksum "):
+                _, n, digest = line.split()
+                # Training resumed from a checkpoint is deterministic: an update logged again
+                # by a later writer has the same state, else that checkpoint resumed wrongly.
+                assert logged.setdefault(int(n), digest) == digest, f"async trial {number}: update {n} differs from before"
+        mid_save += killed_mid_save(lines)
+        last_lines.append(lines[-1])
+
+        floor = check_after_crash(root, ref, floor)
+        complete = checkpoint.checkpoints(root)
+        for c in complete:
+            n = step_of(c.name)
+            assert n is not None and not c.name.startswith((".tmp-", ".trash-")), f"async trial {number}: {c.name} listed"
+            assert n in logged, f"async trial {number}: {c.name} is of an update no writer logged"
+            step = cw.make_step()
+            checkpoint.load(root, step, at=n, restore_rng=False)
+            assert cw.state_digest(step) == logged[n], (
+                f"async trial {number}: {c.name} verifies but holds another state than update {n} had when its save began")
+        assert complete[-1].name == dir_name(floor)
+    assert len(set(logged.values())) == len(logged), "two updates logged the same state"
+    # The kills are spread: many land while the background thread writes, not only between saves.
+    assert mid_save >= RANDOM_ASYNC_TRIALS / 4, f"only {mid_save} of {RANDOM_ASYNC_TRIALS} kills hit a save: {last_lines}"
+    assert len({p for p in last_lines if p.startswith(SAVE_PHASES)}) >= 3, last_lines
+
+    # A clean asynchronous run afterwards removes every leftover and keeps exactly keep_last checkpoints.
+    log = tmp_path / "async-final.log"
+    proc = ctx.Process(target=cw.write_forever, args=(str(root), str(log), None, 0.0, 2), kwargs={"asynchronous": True})
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0, log.read_text()
     assert sorted(p.name for p in root.iterdir()) == [".lock"] + [c.name for c in checkpoint.checkpoints(root)]
     assert len(checkpoint.checkpoints(root)) == cw.KEEP_LAST
     check_after_crash(root, ref, floor + 2)
