@@ -23,7 +23,6 @@ on disk), :mod:`~anychip.checkpoint.layout` (names and finding checkpoints),
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 from pathlib import Path
@@ -151,6 +150,8 @@ class _Job:
         if self.main:
             try:
                 tmp = durable.start(self.root, self.final)
+            except OSError as exc:
+                refusal = durable.refusal(exc, self.root, 0, self.keep_last)
             except Exception as exc:  # noqa: BLE001 - raised below, once the other ranks learn of it
                 refusal = exc
         if self.collective:
@@ -197,11 +198,9 @@ class _Job:
             inner = shards.unwrap(exc)
             if distributed.is_collective_failure(exc) or distributed.is_collective_failure(inner):
                 raise distributed.peer_failure(exc, f"saving {self.final}") from exc
-            if isinstance(inner, OSError) and inner.errno in (errno.ENOSPC, errno.EDQUOT):
-                needed = sum(t.numel() * t.element_size() for t in tensors.values())
-                raise CheckpointError(durable.no_space_message(self.root, needed, self.keep_last)) from inner
             if isinstance(inner, OSError):
-                raise CheckpointError(f"cannot write {self.final}: {inner}") from inner
+                needed = sum(t.numel() * t.element_size() for t in tensors.values())
+                raise durable.refusal(inner, self.root, needed, self.keep_last) from inner
             if inner is exc:
                 raise
             raise inner from exc
@@ -213,10 +212,7 @@ class _Job:
             # The manifest goes last: its presence is what makes a step-* directory complete.
             durable.finish(tmp, self.root, self.final, MANIFEST, manifest_bytes(manifest))
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            needed = sum(f["bytes"] for f in files.values())
-            raise CheckpointError(durable.no_space_message(self.root, needed, self.keep_last)) from exc
+            raise durable.refusal(exc, self.root, sum(f["bytes"] for f in files.values()), self.keep_last) from exc
         log.info("anychip: saved update %d to %s", self.update, self.final)
 
 

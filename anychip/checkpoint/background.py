@@ -122,7 +122,9 @@ def start(path: Path, step: int, write, release) -> SaveHandle:
     with _lock:
         _inflight = handle
         if not _exit_hook:
-            atexit.register(_finish_at_exit)
+            # Before threading's own shutdown where Python offers it: the write may still start
+            # threads then (at atexit, Python 3.12 refuses new threads).
+            getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
             _exit_hook = True
     # A daemon thread: at exit it is waited for here, with a log line, not silently by threading.
     threading.Thread(target=handle._run, args=(write, release), name=f"anychip-save-{step}", daemon=True).start()

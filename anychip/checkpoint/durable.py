@@ -12,6 +12,7 @@ removing leftovers safe: a second writer's cleanup would delete the first one's 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -19,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from anychip.checkpoint.layout import TMP_PREFIX, TRASH_PREFIX, checkpoints
-from anychip.errors import CheckpointExistsError
+from anychip.errors import CheckpointError, CheckpointExistsError
 
 log = logging.getLogger("anychip")
 
@@ -52,6 +53,18 @@ def finish(tmp: Path, root: Path, final: Path, last: str, data: bytes) -> Path:
 
 def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refusal(exc: OSError, root: Path, needed: int, keep_last: int | None) -> CheckpointError:
+    """The file system's refusal to take a save, as one line that says what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointError(no_space_message(root, needed, keep_last))
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return CheckpointError(
+            f"cannot write checkpoints to {root}: {exc.strerror or exc} (a read-only file system, or not writable by this "
+            "user); save to a writable directory"
+        )
+    return CheckpointError(f"cannot write checkpoints to {root}: {exc.strerror or exc}")
 
 
 def no_space_message(root: Path, needed: int, keep_last: int | None) -> str:

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from anychip.checkpoint.durable import make_dirs
+from anychip.checkpoint.durable import make_dirs, refusal
 from anychip.checkpoint.layout import LOCK_NAME
 from anychip.errors import CheckpointBusyError, CheckpointError
 
@@ -64,6 +64,8 @@ def acquire(root: Path) -> WriterLock:
         raise CheckpointError(
             f"cannot save to {root}: it (or a parent) is a file, not a directory; checkpoints go in a directory"
         ) from None
+    except OSError as exc:
+        raise refusal(exc, root, 0, None) from None
     key = os.path.realpath(root)
     with _registry:
         thread_lock = _thread_locks.setdefault(key, threading.Lock())
@@ -82,6 +84,8 @@ def _lock_file(path: Path, root: Path) -> int:
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            raise refusal(exc, root, 0, None) from None
         raise CheckpointError(f"cannot open the lock file {path} of {root}: {exc.strerror}") from None
     if fcntl is None:
         return fd

@@ -17,13 +17,13 @@ reads is hashed and compared with the manifest before one byte of it is used.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
 import stat
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -60,12 +60,12 @@ def _raw(t) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def write_file(path: Path, tensors: list[tuple[str, object, list[int]]], hasher) -> dict:
+def write_file(path: Path, tensors: list[tuple[str, object, list[int]]]) -> dict:
     """Write ``[(key, CPU tensor, offsets in the whole tensor)]`` as one safetensors file;
     return its manifest record (size, header hash, per tensor dtype/shape/offsets/SHA-256).
 
-    Each tensor's hash runs on ``hasher`` (a thread; hashlib releases the GIL) while the same
-    bytes are written, so hashing costs no time where the disk is the slower of the two."""
+    The tensors are hashed on a second thread (hashlib releases the GIL) while their bytes are
+    written and flushed to the disk, so the save takes the longer of the two, not their sum."""
     from anychip.checkpoint.format import dtype_name
 
     names = _st_dtypes()
@@ -82,15 +82,26 @@ def write_file(path: Path, tensors: list[tuple[str, object, list[int]]], hasher)
     encoded += b" " * (-(8 + len(encoded)) % 8)  # safetensors aligns the data to 8 bytes
     head = struct.pack("<Q", len(encoded)) + encoded
     record = {"bytes": len(head) + offset, "header_bytes": len(head), "header_sha256": hashlib.sha256(head).hexdigest(), "tensors": {}}
-    with open(path, "xb") as fh:
-        fh.write(head)
-        for key, t, offsets in body:
-            view = _raw(t)
-            digest = hasher.submit(_sha256, view)
-            fh.write(view)
-            record["tensors"][key] = {"dtype": dtype_name(t), "shape": list(t.shape), "offsets": list(offsets), "sha256": digest.result()}
-        fh.flush()
-        os.fsync(fh.fileno())
+    views = [_raw(t) for _, t, _ in body]
+    digests: list = [None] * len(views)
+
+    def hash_all():
+        for i, view in enumerate(views):
+            digests[i] = _sha256(view)
+
+    hasher = threading.Thread(target=hash_all, name="anychip-checkpoint-hash", daemon=True)
+    hasher.start()
+    try:
+        with open(path, "xb") as fh:
+            fh.write(head)
+            for view in views:
+                fh.write(view)
+            fh.flush()
+            os.fsync(fh.fileno())  # the hashes go on meanwhile: the slower of the two sets the time
+    finally:
+        hasher.join()
+    for (key, t, offsets), digest in zip(body, digests):
+        record["tensors"][key] = {"dtype": dtype_name(t), "shape": list(t.shape), "offsets": list(offsets), "sha256": digest}
     return record
 
 
@@ -129,8 +140,7 @@ def writer(directory: Path):
             name = plan.storage_data["file"]
             record = None
             if chosen:
-                with concurrent.futures.ThreadPoolExecutor(1) as hasher:
-                    record = write_file(directory / name, chosen, hasher)
+                record = write_file(directory / name, chosen)
             for item in plan.items:
                 results.append(WriteResult(index=item.index, size_in_bytes=0, storage_data=(name, record)))
             future: Future = Future()
