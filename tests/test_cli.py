@@ -12,7 +12,7 @@ import pytest
 from anychip.bench.supervise import LAUNCH_ENV  # a launcher's variables: none may leak in from the shell running the tests
 from anychip.cli import main
 
-BUILT_IN_BACKENDS = {"cpu", "cuda", "neuron", "neuron-xla", "jax:tpu", "jax:gpu", "jax:cpu"}
+BUILT_IN_BACKENDS = {"cpu", "cuda", "neuron", "neuron-xla", "tpu", "jax:tpu", "jax:gpu", "jax:cpu"}
 
 
 def run(*args, env=None):
@@ -134,7 +134,7 @@ def test_devices_imports_no_heavy_module():
     code = (
         "import contextlib, io, json, sys; from anychip.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()): main(['devices']); main(['devices', '--json'])\n"
-        "heavy = {'torch', 'jax', 'jaxlib', 'torchax', 'torch_xla', 'torch_neuronx', 'triton', 'optax'}\n"
+        "heavy = {'torch', 'jax', 'jaxlib', 'torchax', 'torch_xla', 'torch_neuronx', 'torch_tpu', 'libtpu', 'triton', 'optax'}\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))"
     )
     env = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}, **TORCHRUN_WORKER}

@@ -114,6 +114,9 @@ _JAX = dict(module="anychip.backends.jax", device_type="jax", engine="jax", laun
 REGISTRY: tuple[Registration, ...] = (
     Registration("cuda", "anychip.backends.torch.cuda", 100, summary="PyTorch on NVIDIA GPUs", device_type="cuda"),
     Registration("jax:tpu", priority=95, summary="torch model traced to JAX via torchax, on TPU", **_JAX),
+    # Below jax:tpu: on a TPU with both installed the tested JAX route wins; TorchTPU is beta.
+    Registration("tpu", "anychip.backends.torch.tpu", 93, summary="TorchTPU: native PyTorch on TPU (torch-tpu, beta)",
+                 device_type="tpu", kernel_family="reference"),
     Registration(
         "neuron", "anychip.backends.torch.neuron", 90, summary="TorchNeuron (native torch-neuronx 2.13+), trn2/trn3", device_type="neuron"
     ),

@@ -261,7 +261,7 @@ def test_tpu_chips_count_tpus_not_every_google_device(tmp_path):
 def test_probing_imports_no_heavy_sdk():
     code = (
         "import sys, json, anychip; anychip.backends();"
-        "heavy = {'torch', 'jax', 'jaxlib', 'torchax', 'torch_xla', 'torch_neuronx', 'triton', 'optax'};"
+        "heavy = {'torch', 'jax', 'jaxlib', 'torchax', 'torch_xla', 'torch_neuronx', 'torch_tpu', 'libtpu', 'triton', 'optax'};"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
