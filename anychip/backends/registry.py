@@ -118,11 +118,12 @@ REGISTRY: tuple[Registration, ...] = (
     Registration("tpu", "anychip.backends.torch.tpu", 93, summary="TorchTPU: native PyTorch on TPU (torch-tpu, beta)",
                  device_type="tpu", kernel_family="reference"),
     Registration(
-        "neuron", "anychip.backends.torch.neuron", 90, summary="TorchNeuron (native torch-neuronx 2.13+), trn2/trn3", device_type="neuron"
+        "neuron", "anychip.backends.torch.neuron", 90, summary="TorchNeuron (native torch-neuronx 2.13 / 2.14), trn2/trn3",
+        device_type="neuron",
     ),
     Registration(
         "neuron-xla", "anychip.backends.torch.neuron_xla", 80,
-        summary="torch_xla lazy tensors (torch-neuronx 2.9), trn1 or any PJRT device",
+        summary="torch_xla lazy tensors (torch-neuronx 2.9, frozen), trn1 or any PJRT device",
         device_type="xla",
     ),
     Registration("jax:gpu", priority=40, auto=False, summary="torch model traced to JAX via torchax, on GPU", **_JAX),

@@ -34,8 +34,9 @@ TRN1_LS = json.dumps(
 def host(monkeypatch):
     """Fake the machine facts the probe reads."""
 
-    def make(versions=None, ls=(0, TRN2_LS), nodes=16, product="trn2.48xlarge"):
+    def make(versions=None, ls=(0, TRN2_LS), nodes=16, product="trn2.48xlarge", python=(3, 12)):
         versions = {"torch": "2.13.0", "torch-neuronx": "2.13.1", **(versions or {})}
+        monkeypatch.setattr(facts, "python_version", lambda: python)
         monkeypatch.setattr(facts, "version", lambda d: versions.get(d))
         monkeypatch.setattr(facts, "versions", lambda *ds: {d: versions[d] for d in ds if versions.get(d)})
         monkeypatch.setattr(facts, "device_files", lambda p: [f"/dev/neuron{i}" for i in range(nodes)])
@@ -66,6 +67,44 @@ def test_probe_trn2_native(host):
     assert avail.available
     assert avail.devices == 64 and avail.device_kind == "trn2 NeuronCore"
     assert "trn2, trn3" in avail.reason
+
+
+def test_torchneuron_needs_python_3_12(host):
+    host(python=(3, 11))
+    avail = neuron.probe()
+    assert not avail.available
+    assert avail.reason == "torch-neuronx 2.13.1 (TorchNeuron) needs Python >= 3.12, and this is Python 3.11"
+    assert "Python >= 3.12" in avail.install
+
+
+@pytest.mark.parametrize("tnx, torch_version, ok", [
+    ("2.13.3", "2.13.0", True), ("2.14.3", "2.14.1", True), ("2.14.3", "2.13.0", False), ("2.13.3", None, False),
+])
+def test_torchneuron_is_matched_to_its_torch(host, tnx, torch_version, ok):
+    host({"torch-neuronx": tnx, "torch": torch_version})
+    avail = neuron.probe()
+    assert avail.available is ok
+    if not ok:
+        want = ".".join(tnx.split(".")[:2])
+        have = f"torch {torch_version} is installed" if torch_version else "torch is not installed"
+        assert avail.reason == f"torch-neuronx {tnx} is built for torch {want}, and {have}"
+        assert avail.install == f"pip install 'torch=={want}.*'"
+
+
+def test_a_torchneuron_newer_than_the_releases_checked_says_so(host):
+    host({"torch-neuronx": "2.15.0", "torch": "2.15.0"})
+    avail = neuron.probe()
+    assert avail.available and avail.reason.endswith("newer than the torch-neuronx 2.13 / 2.14 releases checked here")
+    host({"torch-neuronx": "2.14.3", "torch": "2.14.0"})
+    assert "newer than" not in neuron.probe().reason and neuron.probe().reason.startswith("TorchNeuron 2.14.3, serves trn2, trn3")
+
+
+def test_the_install_hint_names_the_current_torchneuron_releases(host):
+    host({"torch-neuronx": None})
+    install = neuron.probe().install
+    for text in ("torch-neuronx==2.14.3 'torch==2.14.*'", "torch-neuronx==2.13.3 pairs with torch 2.13", "Neuron SDK 2.33",
+                 "trn2/trn3", "Python >= 3.12", "https://pip.repos.neuron.amazonaws.com"):
+        assert text in install, text
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,21 @@ def test_trn1_host_with_the_xla_lineage(host):
     assert avail.versions["torch-xla"] == "2.9.0"
 
 
+def test_on_trn1_it_says_the_stack_is_frozen_on_torch_neuronx_2_9(host):
+    host(XLA_STACK, ls=(0, TRN1_LS), nodes=16, product="trn1.32xlarge")
+    reason = neuron_xla.probe().reason
+    assert reason.endswith("; frozen on torch-neuronx 2.9 (Neuron SDK <= 2.29; Neuron 2.30 ended PyTorch/XLA training)")
+    host({"torch": "2.5.1", "torch-xla": "2.5.1", "torch-neuronx": "2.5.1.2.4.0"}, ls=(0, TRN1_LS), nodes=16, product="trn1.32xlarge")
+    assert neuron_xla.probe().reason.endswith("; torch-neuronx 2.5.1.2.4.0 predates 2.9, the release followed here")
+
+
+def test_the_install_hint_is_the_frozen_trn1_stack(host):
+    host({})
+    install = neuron_xla.probe().install
+    assert install.startswith("pip install torch-neuronx==2.9.* --extra-index-url https://pip.repos.neuron.amazonaws.com (on a trn1")
+    assert "Neuron SDK <= 2.29, the last with PyTorch/XLA training" in install
+
+
 def test_trn1_host_without_neuron_ls_counts_device_nodes(host):
     host(XLA_STACK, ls=None, nodes=16, product="trn1.32xlarge")
     avail = neuron_xla.probe()

@@ -10,6 +10,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 
 
 def version(dist: str) -> str | None:
@@ -22,6 +23,11 @@ def version(dist: str) -> str | None:
 
 def versions(*dists: str) -> dict[str, str]:
     return {d: v for d in dists if (v := version(d)) is not None}
+
+
+def python_version() -> tuple[int, int]:
+    """(major, minor) of this interpreter: the one a backend's packages must have been built for."""
+    return tuple(sys.version_info[:2])
 
 
 def importable(module: str) -> bool:

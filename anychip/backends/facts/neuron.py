@@ -14,6 +14,14 @@ import os
 from anychip.backends.facts import host
 
 NATIVE_FROM = (2, 13)
+# The TorchNeuron releases followed here (Neuron SDK 2.33, 2026-10): torch-neuronx 2.13.3 and
+# 2.14.3, for trn2/trn3 only, each built for the torch of its own major.minor, on Python >= 3.12.
+NATIVE_RELEASES = ((2, 13), (2, 14))
+NATIVE_PYTHON = (3, 12)
+# The XLA lineage is frozen: Neuron 2.30 ended PyTorch/XLA training, and torch-neuronx 2.9 (Neuron
+# SDK <= 2.29) is its last release, the trn1 path.
+XLA_LAST = (2, 9)
+XLA_FROZEN = "frozen on torch-neuronx 2.9 (Neuron SDK <= 2.29; Neuron 2.30 ended PyTorch/XLA training)"
 # Which instances each lineage serves (AWS Neuron docs, "Setup" pages).
 SERVES = {"native": "trn2, trn3 (TorchNeuron)", "xla": "trn1, inf2 (torch-neuronx on torch_xla)"}
 # NeuronCores per chip as the runtime exposes them (logical cores at the default LNC=2).

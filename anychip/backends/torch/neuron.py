@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from anychip.backends.facts import host, peaks
-from anychip.backends.facts.neuron import SERVES, cores_in_use, lineage, neuron_host
+from anychip.backends.facts.neuron import NATIVE_PYTHON, NATIVE_RELEASES, SERVES, cores_in_use, lineage, neuron_host, version_tuple
 from anychip.backends.registry import Availability
 from anychip.backends.torch.base import NativeTorchBackend, Traits
 from anychip.batch import map_tensors
@@ -23,7 +23,8 @@ from anychip.batch import map_tensors
 log = logging.getLogger("anychip")
 
 INSTALL_NATIVE = (
-    "pip install torch-neuronx==2.13.* --extra-index-url https://pip.repos.neuron.amazonaws.com (on a trn2/trn3 instance)"
+    "pip install torch-neuronx==2.14.3 'torch==2.14.*' --extra-index-url https://pip.repos.neuron.amazonaws.com "
+    "(Neuron SDK 2.33; on a trn2/trn3 instance, Python >= 3.12; torch-neuronx==2.13.3 pairs with torch 2.13)"
 )
 
 
@@ -44,12 +45,24 @@ def probe(name: str = "neuron") -> Availability:
             f"{host.version('torch-xla')}); they register conflicting devices: uninstall torch-xla or use a separate venv",
             versions=versions,
         )
+    if host.python_version() < NATIVE_PYTHON:
+        return Availability(
+            name, False, f"torch-neuronx {tnx} (TorchNeuron) needs Python >= 3.12, and this is Python "
+            f"{'.'.join(map(str, host.python_version()))}", versions=versions, install=INSTALL_NATIVE,
+        )
+    built_for, torch_v = version_tuple(tnx), versions.get("torch")
+    if torch_v is None or version_tuple(torch_v) != built_for:
+        want = ".".join(map(str, built_for))
+        have = f"torch {torch_v} is installed" if torch_v else "torch is not installed"
+        return Availability(name, False, f"torch-neuronx {tnx} is built for torch {want}, and {have}", versions=versions,
+                            install=f"pip install 'torch=={want}.*'")
     found = neuron_host()
     if found.devices == 0:
         return Availability(name, False, f"no Neuron devices on this machine ({found.note})", versions=versions)
     chip = found.chip or "trainium"
+    newer = "" if built_for in NATIVE_RELEASES else "; newer than the torch-neuronx 2.13 / 2.14 releases checked here"
     return Availability(
-        name, True, f"TorchNeuron, serves {SERVES['native']}; {found.note}", devices=found.cores,
+        name, True, f"TorchNeuron {tnx}, serves {SERVES['native']}; {found.note}{newer}", devices=found.cores,
         device_kind=f"{chip} NeuronCore", versions=versions,
     )
 

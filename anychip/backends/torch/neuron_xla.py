@@ -55,7 +55,7 @@ from anychip.errors import BackendError
 
 INSTALL = (
     "pip install torch-neuronx==2.9.* --extra-index-url https://pip.repos.neuron.amazonaws.com "
-    "(on a trn1 instance; brings torch 2.9 and torch-xla 2.9)"
+    "(on a trn1 instance; Neuron SDK <= 2.29, the last with PyTorch/XLA training; brings torch 2.9 and torch-xla 2.9)"
 )
 TEST_HINT = "set PJRT_DEVICE=CPU to run it on the CPU for testing"
 
@@ -134,8 +134,9 @@ def probe(name: str = "neuron-xla") -> Availability:
     found = neuron.neuron_host()
     if found.devices == 0:
         return unavailable(f"no Neuron devices on this machine ({found.note}); {installed}; {TEST_HINT}")
+    older = "" if _major_minor(tnx) == neuron.XLA_LAST else f"; torch-neuronx {tnx} predates 2.9, the release followed here"
     return Availability(
-        name, True, f"{installed}; {found.note}", devices=found.cores,
+        name, True, f"{installed}; {found.note}; {neuron.XLA_FROZEN}{older}", devices=found.cores,
         device_kind=f"{found.chip or 'trainium'} NeuronCore", versions=versions,
     )
 
