@@ -42,6 +42,19 @@ def requires(*needs: str):
     return pytest.mark.skipif(bool(missing), reason="missing: " + ", ".join(missing))
 
 
+def resign_manifest(manifest: pathlib.Path, edit) -> None:
+    """Tamper with a checkpoint's manifest as a careful attacker would: ``edit(manifest_dict)``,
+    then recompute the manifest's own checksum (SHA-256 of its canonical JSON without that key)."""
+    import hashlib
+    import json
+
+    m = json.loads(manifest.read_text())
+    edit(m)
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    m["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+    manifest.write_text(json.dumps(m))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

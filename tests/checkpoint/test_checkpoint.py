@@ -396,3 +396,20 @@ def test_resume_check_has_teeth(lose):
     got = record(resumed, name, SPLIT, TOTAL)
     worst = max(abs(g[2] - w[2]) / abs(w[2]) for g, w in zip(got, uninterrupted))
     assert worst > 10 * RTOL, worst
+
+
+def test_dcp_s_own_safetensors_reader_reads_the_shard_files(tmp_path):
+    """The shard files are DCP's Hugging Face safetensors layout: plain torch.distributed.checkpoint
+    loads them without anychip (the manifest is what anychip adds on top)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    step = make("mlp")
+    step(batch("mlp", 0))
+    saved = checkpoint.save(step, tmp_path)
+    state = step.state_dict()
+    want = {f"model/{k}": v for k, v in state["model"].items()}
+    want |= {f"optimizer/{slot}/{k}": v for slot, by in state["optimizer"]["slots"].items() for k, v in by.items()}
+    got = {k: torch.zeros_like(v) for k, v in want.items()}
+    dcp.load(got, storage_reader=HuggingFaceStorageReader(str(saved)), no_dist=True)
+    assert all(torch.equal(got[k], v) for k, v in want.items())

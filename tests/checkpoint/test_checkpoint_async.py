@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import anychip as ac
 from anychip import checkpoint
 from anychip.checkpoint import CheckpointError, SaveHandle, shards
 from anychip.errors import InvalidArgumentError
@@ -205,3 +206,20 @@ def test_a_read_only_or_full_filesystem_is_one_clear_error(tmp_path, monkeypatch
         assert "read-only" in message.lower() and "writable" in message, message
     assert sorted(p.name for p in root.iterdir()) == before  # the earlier checkpoint, nothing else
     checkpoint.verify(root / "step-000000001")
+
+
+@requires("jax", "torchax")
+def test_a_jax_step_saves_asynchronously_after_its_device_to_host_copy(tmp_path):
+    from anychip import workloads
+
+    w = workloads.get("mlp")
+    step = ac.TrainStep(w.build(seed=0), w.loss_fn, ac.AdamW(lr=1e-2), backend="jax:cpu")
+    step(w.batch(0, 8, 1, 0))
+    at_save = weights(step)
+    handle = checkpoint.save(step, tmp_path, asynchronous=True)
+    step(w.batch(1, 8, 1, 0))  # trains on while the copy is written
+    assert handle.wait(60).name == "step-000000001"
+    for backend in ("jax:cpu", "cpu"):
+        resumed = ac.TrainStep(w.build(seed=1), w.loss_fn, ac.AdamW(lr=1e-2), backend=backend)
+        checkpoint.load(tmp_path, resumed, restore_rng=False)
+        assert all(torch.equal(v, at_save[k]) for k, v in weights(resumed).items()), backend

@@ -28,7 +28,7 @@ from anychip.checkpoint import (
     CheckpointVersionError,
 )
 from anychip.checkpoint.layout import dir_name, step_of
-from support import requires
+from support import requires, resign_manifest
 
 pytestmark = requires("safetensors")
 
@@ -84,13 +84,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 def resign(manifest_path: Path, edit) -> None:
-    """Tamper with a manifest the way a careful attacker would: edit it, then recompute the
-    manifest's own checksum (sha256 of the canonical JSON without that key)."""
-    m = json.loads(manifest_path.read_text())
-    edit(m)
-    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
-    m["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
-    manifest_path.write_text(json.dumps(m))
+    resign_manifest(manifest_path, edit)
 
 
 @pytest.fixture

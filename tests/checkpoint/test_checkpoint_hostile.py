@@ -23,7 +23,7 @@ import anychip as ac
 from anychip import checkpoint
 from anychip.checkpoint import CheckpointCorruptError
 from format1_model import batch, make_step
-from support import requires
+from support import requires, resign_manifest
 
 pytestmark = requires("safetensors")
 
@@ -41,11 +41,7 @@ class Payload:
 
 
 def resign(directory: Path, edit) -> None:
-    m = json.loads((directory / "manifest.json").read_text())
-    edit(m)
-    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
-    m["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
-    (directory / "manifest.json").write_text(json.dumps(m))
+    resign_manifest(directory / "manifest.json", edit)
 
 
 def record_for(m: dict, raw: bytes, like: str) -> dict:

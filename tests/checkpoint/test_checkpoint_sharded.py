@@ -119,6 +119,24 @@ def test_the_fsdp_checkpoint_resumes_on_jax(launched):
     assert close(losses, reports[0]["uninterrupted"], 1e-5), (losses, reports[0]["uninterrupted"])
 
 
+@pytest.mark.parametrize("how", ["file deleted", "left out of the manifest"])
+def test_a_two_rank_checkpoint_missing_a_rank_s_shards_cannot_be_resharded(launched, tmp_path, how):
+    import shutil
+
+    root, _, _ = launched
+    broken = tmp_path / "step-000000003"
+    shutil.copytree(root / "fsdp" / "step-000000003", broken)
+    (broken / "rank-00001.safetensors").unlink()
+    if how == "left out of the manifest":
+        support.resign_manifest(broken / "manifest.json", lambda m: m["files"].pop("rank-00001.safetensors"))
+    w, step = make_step("gpt-tiny", None)
+    with pytest.raises(checkpoint.CheckpointCorruptError) as info:
+        ac.load(broken, step)
+    message = str(info.value)
+    assert ("rank-00001.safetensors is missing" in message) if how == "file deleted" else ("cannot be resharded" in message), message
+    assert step.step_count == 0
+
+
 def test_a_rank_killed_during_a_sharded_save_fails_the_other_fast_and_keeps_the_last_checkpoint(tmp_path):
     root, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()

@@ -9,7 +9,6 @@ an anychip error that names the problem instead of a raw ``OSError`` / ``KeyErro
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import multiprocessing
 import os
@@ -24,7 +23,7 @@ import pytest
 
 from anychip import checkpoint
 from anychip.checkpoint import CheckpointError, CheckpointMismatchError
-from support import requires
+from support import requires, resign_manifest
 
 pytestmark = requires("safetensors")
 
@@ -162,19 +161,19 @@ def drop_slot(ckpt: Path, slot: str, only: str | None = None) -> None:
     """Rewrite ``ckpt``'s manifest without optimizer slot ``slot`` (or without it for parameter
     ``only``), as if it had never been saved, its checksum recomputed: damage no checksum can
     catch, only the fit check."""
-    m = json.loads((ckpt / "manifest.json").read_text())
-    listing = m["optimizer_state"]["slots"]
-    names = list(listing[slot]) if only is None else [only]
-    if only is None:
-        del listing[slot]
-    else:
-        del listing[slot][only]
-    for record in m["files"].values():
-        for name in names:
-            record["tensors"].pop(f"optimizer/{slot}/{name}", None)
-    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
-    m["manifest_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
-    (ckpt / "manifest.json").write_text(json.dumps(m))
+
+    def edit(m):
+        listing = m["optimizer_state"]["slots"]
+        names = list(listing[slot]) if only is None else [only]
+        if only is None:
+            del listing[slot]
+        else:
+            del listing[slot][only]
+        for record in m["files"].values():
+            for name in names:
+                record["tensors"].pop(f"optimizer/{slot}/{name}", None)
+
+    resign_manifest(ckpt / "manifest.json", edit)
 
 
 @pytest.mark.parametrize("only", [None, "2.weight"])
