@@ -194,3 +194,14 @@ def test_bench_gives_a_row_to_each_tpu_route_with_its_reason(tmp_path):
     assert list(rows) == ["tpu", "jax:tpu"]
     assert rows["tpu"]["status"] == "unavailable" and rows["tpu"]["error"].startswith(tpu.probe().reason)
     assert rows["jax:tpu"]["status"] == "unavailable" and rows["jax:tpu"]["error"]
+
+
+def test_the_readme_quotes_the_hint_the_code_gives():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    typed, quoted = re.search(r'`ac\.backend\("([^"]+)"\)` says "(Did you mean .*?\?)"', readme, flags=re.S).groups()
+    with pytest.raises(ac.UnknownBackendError) as err:
+        ac.backend(typed)
+    assert " ".join(quoted.split()) in str(err.value)
