@@ -10,7 +10,7 @@ reach the registry with from-imports (``from anychip.backends import register``)
 from __future__ import annotations
 
 from anychip.backends import Availability, backend, backends, list_backends, reset
-from anychip.checkpoint import load, save
+from anychip.checkpoint import SaveHandle, load, save, verify
 from anychip.distributed import init_distributed, is_main_process, shutdown_distributed
 from anychip.errors import (
     AnychipError,
@@ -52,6 +52,7 @@ __all__ = [
     "NonFiniteLossError",
     "SGD",
     "StepOutput",
+    "SaveHandle",
     "TrainStep",
     "UnknownBackendError",
     "UnsupportedOptimizerError",
@@ -68,4 +69,5 @@ __all__ = [
     "reset",
     "save",
     "shutdown_distributed",
+    "verify",
 ]

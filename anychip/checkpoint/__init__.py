@@ -1,23 +1,28 @@
 """Backend-neutral checkpoints: ``ac.save(step, "ckpt/")`` on one chip, ``ac.load("ckpt/", step)``
-on any other.
+on any other, on any number of processes.
 
 On disk, ``path`` is a directory of checkpoints, one sub-directory per save::
 
-    ckpt/step-000000120/model.safetensors      model.state_dict() by name (aliases stored once)
-                        optimizer.safetensors  optimizer slots as "<slot>/<parameter name>"
-                        manifest.json          everything else, as plain JSON
+    ckpt/step-000000120/rank-00000.safetensors  the tensors rank 0 wrote (all of them on one process)
+                        rank-00001.safetensors  rank 1's: its FSDP shards, its share of the rest
+                        manifest.json           everything else, as plain JSON
 
-The tensors are those of ``TrainStep.state_dict()``, which every engine already produces in
-the neutral layout (parameters by name, optimizer slots by slot name then parameter name);
-precision ``bf16`` therefore stores its float32 master weights and ``bf16-pure`` its bfloat16
-ones. Loading verifies first and applies second: the step is only touched once the format,
-every checksum, and every tensor name, shape and dtype have passed.
+The tensors are those of ``TrainStep.state_dict(sharded=True)`` in the neutral layout
+(``model/<parameter name>``, ``optimizer/<slot>/<parameter name>``), written through
+``torch.distributed.checkpoint`` (:mod:`~anychip.checkpoint.shards`): each rank the chunks it
+holds, in parallel, and a load on any number of ranks, or on JAX, reads the chunks that overlap
+what it holds. Precision ``bf16`` stores its float32 master weights and ``bf16-pure`` its
+bfloat16 ones. Loading verifies first and applies second: the step is only touched once the
+format, the fit of every tensor name, shape and dtype, and the checksum of every byte read have
+passed. ``asynchronous=True`` writes in a thread after a copy (:mod:`~anychip.checkpoint.background`).
+Format 1 checkpoints (``model.safetensors`` + ``optimizer.safetensors``, written whole by one
+process) still load.
 
-This module is the public API; the work is in :mod:`~anychip.checkpoint.format` (the bytes
-on disk), :mod:`~anychip.checkpoint.layout` (names and finding checkpoints),
-:mod:`~anychip.checkpoint.durable` (crash-safe writes and rotation),
-:mod:`~anychip.checkpoint.integrity` (verifying what was read),
-:mod:`~anychip.checkpoint.fit` (does it fit the step) and :mod:`~anychip.checkpoint.rng`.
+This module is the public API; the work is in :mod:`~anychip.checkpoint.format` (the manifest),
+:mod:`~anychip.checkpoint.shards` (the tensor files), :mod:`~anychip.checkpoint.layout` (names
+and finding checkpoints), :mod:`~anychip.checkpoint.durable` (crash-safe writes and rotation),
+:mod:`~anychip.checkpoint.integrity` (verifying format 1), :mod:`~anychip.checkpoint.fit` (does
+it fit the step) and :mod:`~anychip.checkpoint.rng`.
 """
 
 from __future__ import annotations

@@ -97,22 +97,40 @@ def settle_previous() -> None:
 
 
 def snapshot(tensors: dict) -> dict:
-    """A private copy of every tensor (DTensors: of this rank's shard), into the buffers of
-    the last snapshot where they fit."""
-    out = {}
+    """A private host copy of every tensor (a DTensor: of this rank's shard, still a DTensor),
+    into the buffers of the last snapshot where they fit. From an accelerator it is the one
+    device-to-host copy of the save, into pinned memory, waited for before training goes on."""
+    import torch
+
+    out, on_device = {}, False
     for key, t in tensors.items():
         buf = _buffers.get(key)
         same = buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and type(buf) is type(t)
         if same and hasattr(t, "device_mesh"):
             same = buf.device_mesh == t.device_mesh and buf.placements == t.placements
-        if same:
-            buf.copy_(t)
-        else:
-            buf = t.detach().clone()
+        if not same:
+            buf = _host_like(t)
+        src, dst = (t.to_local(), buf.to_local()) if hasattr(t, "device_mesh") else (t, buf)
+        on_device = on_device or src.device.type != "cpu"
+        dst.copy_(src.detach(), non_blocking=src.device.type != "cpu")
         out[key] = buf
+    if on_device:
+        torch.accelerator.synchronize()
     _buffers.clear()
     _buffers.update(out)
     return out
+
+
+def _host_like(t):
+    import torch
+
+    if hasattr(t, "device_mesh"):
+        from torch.distributed.tensor import DTensor
+
+        local = t.to_local()
+        host = torch.empty_like(local, device="cpu", pin_memory=local.is_cuda)
+        return DTensor.from_local(host, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
 
 
 def start(path: Path, step: int, write, release) -> SaveHandle:

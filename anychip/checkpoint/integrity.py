@@ -1,4 +1,4 @@
-"""Reading a checkpoint back and proving it intact: every file the manifest lists is a plain
+"""Reading a format-1 checkpoint back and proving it intact: every file the manifest lists is a plain
 safetensors file of the recorded size and SHA-256, and holds exactly the tensors the manifest
 describes. Nothing here knows about a step; fitting one is :mod:`anychip.checkpoint.fit`.
 """

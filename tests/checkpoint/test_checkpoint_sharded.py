@@ -61,7 +61,7 @@ def test_each_rank_wrote_its_own_shards_and_no_rank_the_whole_model(launched):
             if len(chunk["shape"]) == 2:
                 assert n * 2 == whole[key] and chunk["offsets"][0] == r * chunk["shape"][0], (r, key, chunk)
         assert sum(held.values()) < sum(whole.values()) * 0.75, f"rank {r} wrote most of the model"
-    checkpoint.verify(saved)  # every chunk of both files against its checksum
+    ac.verify(saved)  # every chunk of both files against its checksum
 
 
 def test_an_asynchronous_sharded_save_completes_while_training_goes_on(launched):
