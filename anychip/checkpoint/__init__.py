@@ -327,11 +327,15 @@ def _read_shards(directory: Path, manifest: dict, step, allow_optimizer_change: 
     }
     state = check_fits(directory, manifest, stored, step, allow_optimizer_change)
     key_of = {id(t): key for key, t in placeholders.items()}
-    live = {f"{format.MODEL_PREFIX}{k}": v for k, v in step.model.state_dict().items()}
+    # Where the step holds DTensors (FSDP), each stored tensor is read as the shard of it this
+    # rank holds: the model's by name, an optimizer slot's as its parameter's.
     params = dict(zip(step.engine.param_names, getattr(step.engine, "params", [])))
-    for key in shapes:
-        if key.startswith(format.OPTIMIZER_PREFIX):
-            live.setdefault(key, params.get(key.split("/", 2)[2]))
+    live = {}
+    if any(hasattr(p, "device_mesh") for p in params.values()):
+        live = {f"{format.MODEL_PREFIX}{k}": v for k, v in step.model.state_dict().items()}
+        for key in shapes:
+            if key.startswith(format.OPTIMIZER_PREFIX):
+                live.setdefault(key, params.get(key.split("/", 2)[2]))
     targets = {key: _target(live.get(key), shapes[key]) for key in shapes}
     shards.quiet_single_process()
     try:

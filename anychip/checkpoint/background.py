@@ -81,11 +81,7 @@ def _mark_reported(handle: SaveHandle) -> None:
 
 def settle_previous() -> None:
     """Before a save: wait for the one in flight, and raise a failure nobody has seen yet."""
-    with _lock:
-        pending = _inflight
-    if pending is not None and not pending.done():
-        log.info("anychip: waiting for the asynchronous save of update %d to %s before saving again", pending.step, pending.path)
-        pending._finished.wait()
+    _wait_for_inflight(logging.INFO, "before saving again")
     with _lock:
         failed = _unreported
     if failed is not None:
@@ -150,8 +146,12 @@ def start(path: Path, step: int, write, release) -> SaveHandle:
 
 
 def _finish_at_exit() -> None:
+    _wait_for_inflight(logging.WARNING, "to finish before exiting")
+
+
+def _wait_for_inflight(level: int, why: str) -> None:
     with _lock:
         pending = _inflight
     if pending is not None and not pending.done():
-        log.warning("anychip: waiting for the asynchronous save of update %d to %s to finish before exiting", pending.step, pending.path)
+        log.log(level, "anychip: waiting for the asynchronous save of update %d to %s %s", pending.step, pending.path, why)
         pending._finished.wait()

@@ -387,9 +387,14 @@ def test_sigkill_during_save_always_leaves_a_loadable_checkpoint(tmp_path):
     # Random kills are spread over the phases of a save, not all in one place.
     assert len({p for p in random_phases if not p.startswith(("ready", "saved"))}) >= 3, random_phases
 
-    # A clean run afterwards removes every leftover and keeps exactly keep_last checkpoints.
-    log = tmp_path / "final.log"
-    proc = ctx.Process(target=cw.write_forever, args=(str(root), str(log), None, 0.0, 2))
+    clean_run_tidies_up(ctx, root, ref, floor, tmp_path / "final.log", asynchronous=False)
+
+
+def clean_run_tidies_up(ctx, root: Path, ref, floor: int, log: Path, asynchronous: bool) -> None:
+    """A clean run after the kills removes every leftover and keeps exactly keep_last checkpoints."""
+    import checkpoint_writer as cw
+
+    proc = ctx.Process(target=cw.write_forever, args=(str(root), str(log), None, 0.0, 2), kwargs={"asynchronous": asynchronous})
     proc.start()
     proc.join(60)
     assert proc.exitcode == 0, log.read_text()
@@ -469,12 +474,4 @@ def test_sigkill_during_asynchronous_save_never_loads_a_partial_checkpoint(tmp_p
     assert mid_save >= RANDOM_ASYNC_TRIALS / 4, f"only {mid_save} of {RANDOM_ASYNC_TRIALS} kills hit a save: {last_lines}"
     assert len({p for p in last_lines if p.startswith(SAVE_PHASES)}) >= 3, last_lines
 
-    # A clean asynchronous run afterwards removes every leftover and keeps exactly keep_last checkpoints.
-    log = tmp_path / "async-final.log"
-    proc = ctx.Process(target=cw.write_forever, args=(str(root), str(log), None, 0.0, 2), kwargs={"asynchronous": True})
-    proc.start()
-    proc.join(60)
-    assert proc.exitcode == 0, log.read_text()
-    assert sorted(p.name for p in root.iterdir()) == [".lock"] + [c.name for c in checkpoint.checkpoints(root)]
-    assert len(checkpoint.checkpoints(root)) == cw.KEEP_LAST
-    check_after_crash(root, ref, floor + 2)
+    clean_run_tidies_up(ctx, root, ref, floor, tmp_path / "async-final.log", asynchronous=True)
