@@ -41,7 +41,6 @@ VENV="${VENV%/}"
 STAMP="$VENV/.anychip-tpu-stamp"
 STUB_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/no-tpu-pjrt.c"
 STUB="$VENV/lib/anychip-no-tpu-pjrt.so"
-LOCK="$VENV.lock"
 
 log() { printf '[tpu-env +%ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf '[tpu-env] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -77,43 +76,11 @@ assert u.find_spec("libtpu") is None and u.find_spec("pytest")
 EOF
 }
 
-if [[ "${ANYCHIP_TPU_REBUILD:-0}" != 1 ]] && venv_ok; then
-  echo "$VENV/bin/python"
-  exit 0
-fi
-
-mkdir -p "$(dirname "$VENV")"
-exec 9>"$LOCK"
-log "waiting for lock $LOCK"
-flock -w "${ANYCHIP_TPU_LOCK_TIMEOUT:-3600}" 9 || die "timed out waiting for $LOCK"
-
-# Another process may have finished the build while we waited.
-if [[ "${ANYCHIP_TPU_REBUILD:-0}" != 1 ]] && venv_ok; then
-  log "built by a concurrent run"
-  echo "$VENV/bin/python"
-  exit 0
-fi
-
-# Refuse to delete anything that does not look like our venv.
-case "$VENV" in ""|/|"${HOME:-/}"|"${HOME:-/}/.cache") die "refusing VENV=$VENV" ;; esac
-if [[ -e "$VENV" ]]; then
-  if [[ -f "$VENV/pyvenv.cfg" || -f "$STAMP" || -z "$(ls -A "$VENV" 2>/dev/null)" ]]; then
-    log "removing stale or partial venv $VENV"
-    rm -rf "$VENV"
-  else
-    die "$VENV exists and is not a virtualenv; remove it or set ANYCHIP_TPU_VENV"
-  fi
-fi
-
-start=$SECONDS
-trap 'log "FAILED at line $LINENO; the venv has no stamp and is rebuilt next time. If a download is corrupt: rm -rf $WHEELS"' ERR
-log "creating $VENV with $PYTHON ($PYVER)"
-"$PYTHON" -m venv "$VENV"
-# Wheels are kept in a wheelhouse: `pip download` skips files already there, install is then offline.
-mkdir -p "$WHEELS"
-PIPX=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
-DL=("${PIPX[@]}" download --progress-bar off --only-binary=:all: -d "$WHEELS")
-INST=("${PIPX[@]}" install --progress-bar off --only-binary=:all: --no-index --find-links "$WHEELS")
+REBUILD="${ANYCHIP_TPU_REBUILD:-0}" LOCK_TIMEOUT="${ANYCHIP_TPU_LOCK_TIMEOUT:-3600}" VENV_KNOB=ANYCHIP_TPU_VENV
+# shellcheck source=.ci/cached-venv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cached-venv.sh"
+venv_reuse_or_lock
+venv_create
 log "fetching $TORCH_PIN, $TPU_PIN (~96 MB, without libtpu) and their Python dependencies into $WHEELS unless cached"
 "${DL[@]}" --no-deps "$TPU_PIN" >&2
 "${DL[@]}" "$TORCH_PIN" "${TPU_REQS[@]}" "${TEST_REQS[@]}" >&2
@@ -137,7 +104,4 @@ assert importlib.util.find_spec("libtpu") is None, "libtpu must not be installed
 print("torch", torch.__version__, "torch_tpu imported from", torch_tpu.__file__)
 EOF
 
-printf '%s' "$EXPECTED_STAMP" > "$STAMP.tmp" && mv "$STAMP.tmp" "$STAMP"   # written last
-venv_ok || die "venv check failed right after the build"
-log "built in $((SECONDS - start)) s, $(du -sh "$VENV" 2>/dev/null | cut -f1) in $VENV"
-echo "$VENV/bin/python"
+venv_finish

@@ -34,7 +34,6 @@ PYTHON="${ANYCHIP_XLA_PYTHON:-python3.11}"
 FULL="${ANYCHIP_XLA_FULL:-0}"
 VENV="${VENV%/}"
 STAMP="$VENV/.anychip-xla-stamp"
-LOCK="$VENV.lock"
 
 log() { printf '[xla-env +%ss] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf '[xla-env] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -91,44 +90,11 @@ assert u.find_spec("torch_xla") and u.find_spec("_XLAC") and u.find_spec("pytest
 EOF
 }
 
-if [[ "${ANYCHIP_XLA_REBUILD:-0}" != 1 ]] && venv_ok; then
-  echo "$VENV/bin/python"
-  exit 0
-fi
-
-mkdir -p "$(dirname "$VENV")"
-exec 9>"$LOCK"
-log "waiting for lock $LOCK"
-flock -w "${ANYCHIP_XLA_LOCK_TIMEOUT:-3600}" 9 || die "timed out waiting for $LOCK"
-
-# Another process may have finished the build while we waited.
-if [[ "${ANYCHIP_XLA_REBUILD:-0}" != 1 ]] && venv_ok; then
-  log "built by a concurrent run"
-  echo "$VENV/bin/python"
-  exit 0
-fi
-
-# Refuse to delete anything that does not look like our venv.
-case "$VENV" in ""|/|"${HOME:-/}"|"${HOME:-/}/.cache") die "refusing VENV=$VENV" ;; esac
-if [[ -e "$VENV" ]]; then
-  if [[ -f "$VENV/pyvenv.cfg" || -f "$STAMP" || -z "$(ls -A "$VENV" 2>/dev/null)" ]]; then
-    log "removing stale or partial venv $VENV"
-    rm -rf "$VENV"
-  else
-    die "$VENV exists and is not a virtualenv; remove it or set ANYCHIP_XLA_VENV"
-  fi
-fi
-
-start=$SECONDS
-trap 'log "FAILED at line $LINENO; the venv has no stamp and is rebuilt next time. If a download is corrupt: rm -rf $WHEELS"' ERR
-log "creating $VENV with $PYTHON ($PYVER)"
-"$PYTHON" -m venv "$VENV"
-# pip's HTTP cache stores nothing here (the registry answers without cache headers), so wheels
-# are kept in a wheelhouse: `pip download` skips files already there, install is then offline.
-mkdir -p "$WHEELS"
-PIPX=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
-DL=("${PIPX[@]}" download --progress-bar off --only-binary=:all: -d "$WHEELS")
-INST=("${PIPX[@]}" install --progress-bar off --only-binary=:all: --no-index --find-links "$WHEELS")
+REBUILD="${ANYCHIP_XLA_REBUILD:-0}" LOCK_TIMEOUT="${ANYCHIP_XLA_LOCK_TIMEOUT:-3600}" VENV_KNOB=ANYCHIP_XLA_VENV
+# shellcheck source=.ci/cached-venv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cached-venv.sh"
+venv_reuse_or_lock
+venv_create
 if [[ "$FULL" == 1 ]]; then
   log "fetching ${TORCH_PINS[*]} with all dependencies into $WHEELS (~3.8 GB unless cached)"
   "${DL[@]}" "${TORCH_PINS[@]}" "${OTHER_REQS[@]}" >&2
@@ -155,7 +121,4 @@ assert y.item() == 83.0, y.item()
 print("torch", torch.__version__, "torch_xla", torch_xla.__version__, "device", d, "ok")
 EOF
 
-printf '%s' "$EXPECTED_STAMP" > "$STAMP.tmp" && mv "$STAMP.tmp" "$STAMP"   # written last
-venv_ok || die "venv check failed right after the build"
-log "built in $((SECONDS - start)) s, $(du -sh "$VENV" 2>/dev/null | cut -f1) in $VENV"
-echo "$VENV/bin/python"
+venv_finish

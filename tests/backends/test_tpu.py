@@ -156,15 +156,21 @@ def test_tpu_runs_the_reference_kernels():
     assert scope.family_of("tpu") == "reference"
 
 
+TAKEN_BY_TORCHAX = """
+import json, torch
+torch.utils.rename_privateuse1_backend("jax")  # what `import torchax` does
+from anychip.backends.registry import Availability
+from anychip.backends.torch import tpu
+try:
+    tpu.create(Availability("tpu", True, "test"))
+except Exception as exc:
+    print(json.dumps([type(exc).__name__, str(exc)]))
+"""
+
+
 def test_create_refuses_a_process_whose_privateuse1_device_is_taken():
     """torchax (jax:*) registers PyTorch's one PrivateUse1 device as 'jax'; TorchTPU needs it too."""
-    code = (
-        "import json, torch; torch.utils.rename_privateuse1_backend('jax')\n"
-        "from anychip.backends.registry import Availability; from anychip.backends.torch import tpu\n"
-        "try:\n    tpu.create(Availability('tpu', True, 'test'))\n"
-        "except Exception as exc:\n    print(json.dumps([type(exc).__name__, str(exc)]))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", TAKEN_BY_TORCHAX], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     kind, message = json.loads(out.stdout)
     assert kind == "BackendError"
