@@ -124,7 +124,9 @@ class TpuBackend(NativeTorchBackend):
     def init_distributed(self) -> None:
         """torchrun's process group on ``tpu``; every rank must agree on the TPU slice's addresses,
         which torch-tpu's launch helper decides in the parent before torchrun starts the workers."""
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and LAUNCH_ENV not in os.environ:
+        from anychip.distributed import world_size
+
+        if world_size() > 1 and LAUNCH_ENV not in os.environ:
             raise DistributedError(
                 f"backend 'tpu' under torchrun needs ${LAUNCH_ENV}, set by torch-tpu's launch helper before torchrun "
                 "starts: eval \"$(python -m torch.tpu.distributed)\" in the launching shell, then torchrun"
