@@ -6,7 +6,6 @@ both ranks' save succeeds and leaves one complete checkpoint (one torchrun launc
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import sys
 import anychip as ac
 from anychip import checkpoint, workloads
 from anychip.checkpoint.layout import LOCK_NAME
+import support
 from support import requires
 
 pytestmark = requires("safetensors")
@@ -50,13 +50,7 @@ def test_both_ranks_are_refused_while_the_lock_is_held_then_both_save(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        package_root = str(pathlib.Path(ac.__file__).resolve().parent.parent)
-        env = {k: v for k, v in os.environ.items() if k not in ("ANYCHIP_BACKEND", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-        env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-               str(root), str(out), str(release), str(released)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        done, _ = support.torchrun(WORKER, str(root), str(out), str(release), str(released), timeout_s=120)
         assert done.returncode == 0, done.stderr[-4000:]
     finally:
         holder.kill()
