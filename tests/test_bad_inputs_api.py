@@ -109,7 +109,7 @@ TRAIN_STEP = [
            backend=[("int", 1), ("true", True), ("list", ["cpu"])],
            lr_scheduler=[("int", 3), ("str", "cosine")],
            optimizer=[("str", "adamw"), ("int", 1), ("class", torch.optim.AdamW)]),
-    Case("TrainStep-backend-unknown", "backend", lambda m: step(m, backend="tpu"), ac.UnknownBackendError),
+    Case("TrainStep-backend-unknown", "backend", lambda m: step(m, backend="xpu"), ac.UnknownBackendError),
     Case("TrainStep-model-str", "model", lambda m: ac.TrainStep("model", loss, backend="cpu"), ac.InvalidArgumentError),
     Case("TrainStep-model-function", "model", lambda m: ac.TrainStep(lambda x: x, loss, backend="cpu"), ac.InvalidArgumentError),
     Case("TrainStep-model-frozen", "trainable", _frozen, ac.InvalidArgumentError),

@@ -125,7 +125,7 @@ def _mlp_step(**kw):
     "kwargs, error, match",
     [
         ({"precision": "bf61"}, ValueError, "unknown precision 'bf61'. Did you mean 'bf16'"),
-        ({"backend": "tpu"}, ac.UnknownBackendError, "unknown backend 'tpu'"),
+        ({"backend": "xpu"}, ac.UnknownBackendError, "unknown backend 'xpu'"),
         ({"accumulate": 0}, ValueError, "accumulate must be an int >= 1"),
         ({"max_grad_norm": -1}, ValueError, "max_grad_norm"),
         ({"on_nonfinite": "warn"}, ValueError, "on_nonfinite"),

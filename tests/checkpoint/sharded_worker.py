@@ -44,22 +44,52 @@ def opened_files(run) -> list[str]:
 def resume(parallel: str, path: str, at: int) -> dict:
     w, step = make_step("gpt-tiny", parallel)
     files = opened_files(lambda: ac.load(path, step, at=at))
-    return {"files": files, "losses": [step(b).loss for b in batches(w, at, at + RESUMED)]}
+    rng = rng_digest()
+    return {"files": files, "rng": rng, "losses": [step(b).loss for b in batches(w, at, at + RESUMED)]}
+
+
+def user_optimizer_round_trip(root: str) -> dict:
+    """The script's own torch.optim AdamW (parameter groups) and LambdaLR under FSDP: saved by
+    both ranks, resumed under FSDP on both."""
+    from torchrun_worker import make_user_step
+
+    w, step = make_user_step("adamw", "fsdp")
+    for b in batches(w, 0, SAVE_AT):
+        step(b)
+    saved = ac.save(step, os.path.join(root, "user"))
+    after = [step(b).loss for b in batches(w, SAVE_AT, SAVE_AT + RESUMED)]
+    w, fresh = make_user_step("adamw", "fsdp")
+    ac.load(saved, fresh)
+    return {"saved": str(saved), "uninterrupted": after, "resumed": [fresh(b).loss for b in batches(w, SAVE_AT, SAVE_AT + RESUMED)]}
+
+
+def rng_digest() -> str:
+    import hashlib
+
+    import torch
+
+    return hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
 
 
 def matrix(root: str, out: str) -> None:
+    import torch
+
     ac.init_distributed("cpu")
     w, step = make_step("gpt-tiny", "fsdp")
     for b in batches(w, 0, SAVE_AT):
         step(b)
-    report = {"saved": str(ac.save(step, os.path.join(root, "fsdp")))}
+    torch.rand(distributed.rank() + 1)  # the ranks' generators now differ, as dropout would leave them
+    report = {"rng_at_save": rng_digest()}
+    report["saved"] = str(ac.save(step, os.path.join(root, "fsdp")))
     report["uninterrupted"] = [step(b).loss for b in batches(w, SAVE_AT, SAVE_AT + RESUMED)]
     handle = ac.save(step, os.path.join(root, "fsdp"), asynchronous=True)
     report["next_loss_while_writing"] = step(batches(w, 6, 7)[0]).loss
     report["async_saved"] = str(handle.wait())
     report["fsdp"] = resume("fsdp", os.path.join(root, "fsdp"), SAVE_AT)
+    report["rng_after_fsdp_resume"] = report["fsdp"].pop("rng")
     report["ddp"] = resume("ddp", os.path.join(root, "fsdp"), SAVE_AT)
     report["single_to_fsdp"] = resume("fsdp", os.path.join(root, "single"), SAVE_AT)
+    report["user_optimizer"] = user_optimizer_round_trip(root)
     with open(os.path.join(out, f"rank-{distributed.rank()}.json"), "w") as fh:
         json.dump(report, fh)
 

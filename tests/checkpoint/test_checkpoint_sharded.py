@@ -81,6 +81,23 @@ def test_resumed_on_two_ranks_the_next_losses_equal_the_uninterrupted_run(launch
     assert [r[how]["files"] for r in reports] == want
 
 
+def test_each_rank_gets_its_own_generators_back_on_as_many_ranks(launched):
+    _, reports, _ = launched
+    assert reports[0]["rng_at_save"] != reports[1]["rng_at_save"]  # the ranks had drawn differently
+    for report in reports:
+        assert report["rng_after_fsdp_resume"] == report["rng_at_save"]
+
+
+def test_a_user_torch_optimizer_and_scheduler_round_trip_under_fsdp(launched):
+    _, reports, _ = launched
+    for report in reports:
+        user = report["user_optimizer"]
+        assert close(user["resumed"], user["uninterrupted"], 1e-6), user
+    m = json.loads((pathlib.Path(reports[0]["user_optimizer"]["saved"]) / "manifest.json").read_text())
+    assert m["lr_scheduler"]["type"] == "LambdaLR" and len(m["optimizer_state"]["groups"]) == 2
+    assert sorted(m["files"]) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+
+
 def test_a_one_process_checkpoint_resumes_under_fsdp(launched):
     _, reports, single_after = launched
     for report in reports:

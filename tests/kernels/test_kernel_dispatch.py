@@ -52,7 +52,7 @@ def test_every_implementation_module_exists():
         (dict(op="swiglu", name="x-y", framework="torch", backends=("cpu",), priority=1), "identifier"),
         (dict(op="swiglu", name="x", framework="numpy", backends=("cpu",), priority=1), "framework"),
         (dict(op="swiglu", name="x", framework="torch", backends=["cpu"], priority=1), "tuple of str"),
-        (dict(op="swiglu", name="x", framework="torch", backends=("tpu",), priority=1), "unknown backends"),
+        (dict(op="swiglu", name="x", framework="torch", backends=("xpu",), priority=1), "unknown backends"),
         (dict(op="swiglu", name="x", framework="torch", backends=(), priority=1), "runs nowhere"),
         (dict(op="swiglu", name="x", framework="torch", backends=("cpu",), priority=0), "priority > 0"),
         (dict(op="swiglu", name="x", framework="torch", backends=("jax:tpu",), priority=1), "cannot run on jax"),
@@ -261,7 +261,7 @@ def test_resolve_backend_precedence():
     assert kernels.resolve_backend("jax:tpu", x) == "jax:tpu"
     assert kernels.set_default_backend(None) == "cuda"
     with pytest.raises(ValueError, match="unknown backend"):
-        kernels.set_default_backend("tpu")
+        kernels.set_default_backend("xpu")
 
 
 def test_importing_kernels_imports_no_sdk():
