@@ -223,3 +223,14 @@ def test_a_jax_step_saves_asynchronously_after_its_device_to_host_copy(tmp_path)
         resumed = ac.TrainStep(w.build(seed=1), w.loss_fn, ac.AdamW(lr=1e-2), backend=backend)
         checkpoint.load(tmp_path, resumed, restore_rng=False)
         assert all(torch.equal(v, at_save[k]) for k, v in weights(resumed).items()), backend
+
+
+def test_asynchronous_under_several_jax_processes_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from anychip import distributed
+
+    step = make_step()
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # jax.distributed: processes, but no torch group
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.save(step, tmp_path / "ckpt", asynchronous=True)
+    assert "under jax.distributed is not supported: save synchronously there" in str(info.value)
+    assert not (tmp_path / "ckpt").exists()
