@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
@@ -27,7 +28,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from anychip.checkpoint.format import SAFE_FILE_NAME
+from anychip.checkpoint.format import SAFE_FILE_NAME, dtype_name
 from anychip.errors import CheckpointCorruptError, CheckpointError
 
 HEADER_LIMIT = 64 << 20  # a safetensors header is ~100 bytes a tensor; refuse absurd ones unread
@@ -66,8 +67,6 @@ def write_file(path: Path, tensors: list[tuple[str, object, list[int]]]) -> dict
 
     The tensors are hashed on a second thread (hashlib releases the GIL) while their bytes are
     written and flushed to the disk, so the save takes the longer of the two, not their sum."""
-    from anychip.checkpoint.format import dtype_name
-
     names = _st_dtypes()
     body, header, offset = [], {}, 0
     for key, t, offsets in tensors:
@@ -188,9 +187,9 @@ def _ints(v) -> bool:
 
 def check_coverage(directory: Path, chunks: dict, shapes: dict) -> None:
     """Every tensor ``shapes`` names ({key: (shape, dtype)}) is covered exactly by its chunks:
-    none missing (a rank's file left out), none overlapping, none outside the tensor."""
-    import math
-
+    each inside the tensor, no two overlapping, and as many elements in them as the tensor has
+    (a rank's file left out shows as too few). Together that leaves no element unread, which
+    would otherwise load as whatever the new memory held."""
     for key, (shape, dtype) in shapes.items():
         pieces = chunks.get(key)
         if not pieces:
@@ -202,6 +201,11 @@ def check_coverage(directory: Path, chunks: dict, shapes: dict) -> None:
                     f"{directory}/{name}: chunk {key} {c['shape']} at {c['offsets']} does not fit {list(shape)} {dtype}"
                 )
             total += math.prod(c["shape"])
+        for i, (name_a, a) in enumerate(pieces):
+            for name_b, b in pieces[i + 1:]:
+                spans = zip(a["offsets"], a["shape"], b["offsets"], b["shape"])
+                if all(max(oa, ob) < min(oa + sa, ob + sb) for oa, sa, ob, sb in spans):
+                    raise CheckpointCorruptError(f"{directory}: chunks of {key} in {name_a} and {name_b} overlap")
         if total != math.prod(shape):
             written = sorted({name for name, _ in pieces})
             raise CheckpointCorruptError(
@@ -242,8 +246,6 @@ class OpenFile:
 
     def chunk(self, key: str):
         """The whole stored chunk ``key``, after its SHA-256 matched the manifest."""
-        from anychip.checkpoint.format import dtype_name
-
         if key not in self._verified:
             want = self.rec["tensors"].get(key)
             try:

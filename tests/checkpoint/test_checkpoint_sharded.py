@@ -154,6 +154,21 @@ def test_a_two_rank_checkpoint_missing_a_rank_s_shards_cannot_be_resharded(launc
     assert step.step_count == 0
 
 
+def test_overlapping_chunks_that_would_leave_part_of_a_tensor_unread_are_refused(launched, tmp_path):
+    import shutil
+
+    root, _, _ = launched
+    broken = tmp_path / "step-000000003"
+    shutil.copytree(root / "fsdp" / "step-000000003", broken)
+    key = "model/wte.weight"  # rank 1's rows moved onto rank 0's: as many elements, half of them twice
+    support.resign_manifest(broken / "manifest.json", lambda m: m["files"]["rank-00001.safetensors"]["tensors"][key].update(offsets=[0, 0]))
+    w, step = make_step("gpt-tiny", None)
+    overlap = f"chunks of {key} in rank-00000.safetensors and rank-00001.safetensors overlap"
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=overlap):
+        ac.load(broken, step)
+    assert step.step_count == 0
+
+
 def test_a_rank_killed_during_a_sharded_save_fails_the_other_fast_and_keeps_the_last_checkpoint(tmp_path):
     root, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
