@@ -85,6 +85,9 @@ def matrix(root: str, out: str) -> None:
     handle = ac.save(step, os.path.join(root, "fsdp"), asynchronous=True)
     report["next_loss_while_writing"] = step(batches(w, 6, 7)[0]).loss
     report["async_saved"] = str(handle.wait())
+    # What the background write holds is the state of update 6: resumed, it gives the loss the
+    # run itself took next, while the write was going on.
+    report["async_resumed_first_loss"] = resume("fsdp", os.path.join(root, "fsdp"), 6)["losses"][0]
     report["fsdp"] = resume("fsdp", os.path.join(root, "fsdp"), SAVE_AT)
     report["rng_after_fsdp_resume"] = report["fsdp"].pop("rng")
     report["ddp"] = resume("ddp", os.path.join(root, "fsdp"), SAVE_AT)

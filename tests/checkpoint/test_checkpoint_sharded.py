@@ -68,6 +68,7 @@ def test_an_asynchronous_sharded_save_completes_while_training_goes_on(launched)
     _, reports, _ = launched
     for r in reports:
         assert r["async_saved"].endswith("step-000000006")
+        assert close([r["async_resumed_first_loss"]], [r["next_loss_while_writing"]], 1e-6), r
     assert checkpoint.verify(pathlib.Path(reports[0]["async_saved"]))["step"] == 6
 
 
