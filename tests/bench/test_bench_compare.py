@@ -162,7 +162,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 @pytest.mark.slow
 def test_two_runs_compare_same_and_a_twice_slower_backend_is_flagged(fakes, tmp_path, monkeypatch):
     """Exit codes only: the verdicts depend on this machine's timings. One torch thread per
-    child, so another job on a second core does not halve a run."""
+    child, so another job on a second core does not halve a run. The two equal runs are compared
+    with a 25 % margin: windows of 20 one-millisecond steps on a shared 2-core machine shift by
+    more than the default 5 % between consecutive runs now and then, while the 2x slower run
+    (a ~50 % drop) is flagged at the default margin."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     argv = ["bench", "--workload", "mlp", "--steps", "20", "--warmup", "2", "--repeat", "5", "--backends", "fake-slow"]
     paths = {}
@@ -172,7 +175,7 @@ def test_two_runs_compare_same_and_a_twice_slower_backend_is_flagged(fakes, tmp_
         paths[name] = str(tmp_path / f"{name}.json")
         code, _, err = run_cli(*argv, "--json", paths[name])
         assert code == 0, err
-    assert run_cli("bench", "compare", paths["a"], paths["a2"])[0] == 0
+    assert run_cli("bench", "compare", paths["a"], paths["a2"], "--max-regression", "0.25")[0] == 0
     assert run_cli("bench", "compare", paths["a"], paths["b"])[0] == 1
 
 
