@@ -355,11 +355,8 @@ def from_main(value, group=None):
 def main_outcome(error: str | None, group=None) -> str | None:
     """Rank 0's outcome (None: success, else its error message), on every process: a step only
     rank 0 performs (writing a checkpoint) succeeds or fails everywhere at once."""
-    dist = _torch_group()
-    if dist is not None and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0, group=group)
-        return box[0]
+    if torch_processes() > 1:
+        return from_main(error, group)
     jax = _jax_multiprocess()
     if jax is not None and jax.process_count() > 1:
         import numpy as np

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,30 @@ OPTIMIZER_FILE = "optimizer.safetensors"  # format 1
 MODEL_PREFIX, OPTIMIZER_PREFIX = "model/", "optimizer/"  # format 2: keys in the shard files
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few KB per thousand tensors; refuse absurd ones
 SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
+
+
+def check_file_name(directory: Path, name) -> None:
+    """Only a plain ``*.safetensors`` file next to the manifest is ever opened: a manifest naming
+    anything else (a .pt/.pkl pickle, a path outside the directory) is refused unopened."""
+    if not isinstance(name, str) or not SAFE_FILE_NAME.fullmatch(name):
+        raise CheckpointCorruptError(
+            f"{directory / MANIFEST} lists {name!r}: a checkpoint holds only plain *.safetensors files next to "
+            "its manifest (anychip never loads pickles such as .pt/.pkl)"
+        )
+
+
+def check_file(path: Path, size: int) -> None:
+    """``path`` is a regular file (never a symlink, which leads elsewhere, nor a FIFO or device,
+    which would block or never end) of the ``size`` the manifest records."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{path} is missing (the manifest lists it)") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointCorruptError(f"{path} is not a regular file")
+    if info.st_size != size:
+        how = "truncated" if info.st_size < size else "longer than written"
+        raise CheckpointCorruptError(f"{path} is {info.st_size} bytes, the manifest says {size}: the file is {how}")
 
 
 def safetensors():

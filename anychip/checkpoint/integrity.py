@@ -6,14 +6,14 @@ describes. Nothing here knows about a step; fitting one is :mod:`anychip.checkpo
 from __future__ import annotations
 
 import hashlib
-import stat
 from pathlib import Path
 
 from anychip.checkpoint.format import (
     MANIFEST,
     MODEL_FILE,
     OPTIMIZER_FILE,
-    SAFE_FILE_NAME,
+    check_file,
+    check_file_name,
     describe,
     read_manifest,
     safetensors,
@@ -32,26 +32,11 @@ def read_verified(directory: Path) -> tuple[dict, dict]:
         if need not in files:
             raise CheckpointCorruptError(f"{directory / MANIFEST} lists no {need}")
     for name, meta in files.items():
-        # Only safetensors is ever parsed; a manifest naming anything else (a .pt/.pkl pickle,
-        # a path outside the directory) is refused before the file is even opened.
-        if not isinstance(name, str) or not SAFE_FILE_NAME.fullmatch(name):
-            raise CheckpointCorruptError(
-                f"{directory / MANIFEST} lists {name!r}: a checkpoint holds only plain *.safetensors files next to "
-                "its manifest (anychip never loads pickles such as .pt/.pkl)"
-            )
+        check_file_name(directory, name)
         if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
             raise CheckpointCorruptError(f"{directory / MANIFEST}: entry for {name} lacks bytes/sha256")
     for name, meta in files.items():  # cheap checks of every file before hashing any
-        try:
-            info = (directory / name).lstat()  # a symlink is refused, never followed
-        except FileNotFoundError:
-            raise CheckpointCorruptError(f"{directory / name} is missing (the manifest lists it)") from None
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end; a link leads elsewhere
-            raise CheckpointCorruptError(f"{directory / name} is not a regular file")
-        size = info.st_size
-        if size != meta["bytes"]:
-            how = "truncated" if size < meta["bytes"] else "longer than written"
-            raise CheckpointCorruptError(f"{directory / name} is {size} bytes, the manifest says {meta['bytes']}: the file is {how}")
+        check_file(directory / name, meta["bytes"])
     tensors = {}
     for name, meta in files.items():
         with open(directory / name, "rb") as fh:

@@ -22,13 +22,12 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 import threading
 import warnings
 from pathlib import Path
 
-from anychip.checkpoint.format import SAFE_FILE_NAME, dtype_name
+from anychip.checkpoint.format import check_file, check_file_name, dtype_name
 from anychip.errors import CheckpointCorruptError, CheckpointError
 
 HEADER_LIMIT = 64 << 20  # a safetensors header is ~100 bytes a tensor; refuse absurd ones unread
@@ -163,12 +162,7 @@ def check_listing(directory: Path, files) -> dict:
         raise CheckpointCorruptError(f"{directory}/manifest.json lists no tensor files")
     chunks: dict[str, list] = {}
     for name, rec in files.items():
-        # Only safetensors next to the manifest is ever opened (never a .pt/.pkl pickle, never a path elsewhere).
-        if not isinstance(name, str) or not SAFE_FILE_NAME.fullmatch(name):
-            raise CheckpointCorruptError(
-                f"{directory}/manifest.json lists {name!r}: a checkpoint holds only plain *.safetensors files next to "
-                "its manifest (anychip never loads pickles such as .pt/.pkl)"
-            )
+        check_file_name(directory, name)
         ok = isinstance(rec, dict) and all(_ints([rec.get(k)]) for k in ("bytes", "header_bytes"))
         ok = ok and isinstance(rec.get("header_sha256"), str) and isinstance(rec.get("tensors"), dict)
         if not ok or not 8 <= rec["header_bytes"] <= min(rec["bytes"], HEADER_LIMIT):
@@ -224,15 +218,7 @@ class OpenFile:
         from safetensors import safe_open
 
         path = directory / name
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
-            raise CheckpointCorruptError(f"{path} is missing (the manifest lists it)") from None
-        if not stat.S_ISREG(info.st_mode):  # a symlink, FIFO or device: never followed or read
-            raise CheckpointCorruptError(f"{path} is not a regular file")
-        if info.st_size != rec["bytes"]:
-            how = "truncated" if info.st_size < rec["bytes"] else "longer than written"
-            raise CheckpointCorruptError(f"{path} is {info.st_size} bytes, the manifest says {rec['bytes']}: the file is {how}")
+        check_file(path, rec["bytes"])
         with open(path, "rb") as fh:
             head = fh.read(rec["header_bytes"])
         claimed = 8 + struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
